@@ -1,0 +1,168 @@
+"""Tests for topojax/synthetic.py: known topology, determinism, MSD layout."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage import measure
+
+from topojax import cli
+from topojax import synthetic
+
+
+def _components(mask):
+  """Number of 26-connected components, by scikit-image (not the generator's
+  scipy), so the check is independent of the code under test."""
+  return int(measure.label(mask, connectivity=3).max())
+
+
+@pytest.mark.parametrize("kinds, num_objects", [
+    (("ellipsoid",), (1, 1)),
+    (("blob",), (2, 2)),
+    (("torus",), (1, 2)),
+    (synthetic.KINDS, (1, 3)),
+])
+def test_label_has_the_recorded_number_of_components(kinds, num_objects):
+  config = synthetic.SynthConfig(shape=(32, 32, 32), kinds=kinds,
+                                 num_objects=num_objects)
+  for index in range(4):
+    image, label, count = synthetic.make_case(config, index)
+    assert image.shape == label.shape == (32, 32, 32)
+    assert image.dtype == np.float32 and label.dtype == np.uint8
+    assert set(np.unique(label)) == {0, 1}
+    assert num_objects[0] <= count <= num_objects[1]
+    assert _components(label) == count
+
+
+def test_torus_has_one_tunnel():
+  # Euler characteristic = components - tunnels + cavities: 0 for one torus.
+  config = synthetic.SynthConfig(shape=(40, 40, 40), kinds=("torus",))
+  for index in range(3):
+    _, label, _ = synthetic.make_case(config, index)
+    assert _components(label) == 1
+    assert measure.euler_number(label, connectivity=3) == 0
+
+
+def test_distractors_are_bright_but_unlabelled():
+  config = synthetic.SynthConfig(shape=(40, 40, 40), num_distractors=(3, 3),
+                                 noise=0.0, bias=0.0)
+  for index in range(3):
+    image, label, _ = synthetic.make_case(config, index)
+    # Background is 0.2, distractors at least 0.6 before the blur.
+    bright = image > 0.5
+    near_label = ndimage.binary_dilation(label, iterations=2)
+    assert _components(bright & ~near_label) == 3
+    assert _components(bright & near_label) == 1
+
+
+def test_noise_and_bias_levels():
+  config = synthetic.SynthConfig(shape=(40, 40, 40), noise=0.5, bias=0.0,
+                                 num_distractors=(0, 0))
+  image, label, _ = synthetic.make_case(config, 0)
+  far = ~ndimage.binary_dilation(label, iterations=4)
+  assert np.std(image[far]) == pytest.approx(0.5, rel=0.05)
+  assert np.mean(image[far]) == pytest.approx(0.2, abs=0.02)
+
+  config = synthetic.SynthConfig(shape=(40, 40, 40), noise=0.0, bias=0.3,
+                                 num_distractors=(0, 0))
+  image, label, _ = synthetic.make_case(config, 0)
+  far = ~ndimage.binary_dilation(label, iterations=4)
+  # Background 0.2 scaled by a factor in [0.7, 1.3], and not constant.
+  low, high = image[far].min(), image[far].max()
+  assert 0.2 * 0.7 - 1e-6 <= low < high <= 0.2 * 1.3 + 1e-6
+
+
+def test_cases_are_deterministic_per_seed_and_index():
+  config = synthetic.SynthConfig(shape=(24, 24, 24))
+  first = synthetic.make_case(config, 3)
+  again = synthetic.make_case(synthetic.SynthConfig(shape=(24, 24, 24),
+                                                    num_cases=5), 3)
+  np.testing.assert_array_equal(first[0], again[0])
+  np.testing.assert_array_equal(first[1], again[1])
+  other = synthetic.make_case(synthetic.SynthConfig(shape=(24, 24, 24),
+                                                    seed=1), 3)
+  assert not np.array_equal(first[0], other[0])
+
+
+def test_generate_task_writes_msd_layout(tmp_path):
+  config = synthetic.SynthConfig(shape=(16, 20, 12), num_cases=3,
+                                 spacing=(0.8, 0.8, 2.0), seed=4)
+  root = synthetic.generate_task(tmp_path / "Task00_Synthetic", config,
+                                 progress=False)
+  spec = json.loads((root / "dataset.json").read_text())
+  assert spec["numTraining"] == 3 and spec["labels"]["1"] == "object"
+  assert [e["image"] for e in spec["training"]] == [
+      f"./imagesTr/synth_{i:03d}.nii.gz" for i in range(3)]
+  for index, entry in enumerate(spec["training"]):
+    image = nib.load(root / entry["image"])
+    label = nib.load(root / entry["label"])
+    assert image.shape == label.shape == (16, 20, 12)
+    assert image.get_data_dtype() == np.float32
+    assert label.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(image.header.get_zooms(), (0.8, 0.8, 2.0))
+    # A real affine: anisotropic and rotated, not the identity.
+    np.testing.assert_allclose(image.affine, synthetic.affine(config),
+                               atol=1e-5)
+    np.testing.assert_allclose(label.affine, image.affine)
+    assert not np.allclose(image.affine[:3, :3], np.diag([0.8, 0.8, 2.0]))
+    assert image.header["qform_code"] == image.header["sform_code"] == 1
+    expected_image, expected_label, count = synthetic.make_case(config, index)
+    np.testing.assert_array_equal(image.get_fdata(dtype=np.float32),
+                                  expected_image)
+    np.testing.assert_array_equal(np.asarray(label.dataobj), expected_label)
+    assert entry["num_objects"] == count
+
+
+def test_generate_task_never_overwrites_silently(tmp_path):
+  config = synthetic.SynthConfig(shape=(12, 12, 12), num_cases=1)
+  root = synthetic.generate_task(tmp_path / "task", config, progress=False)
+  with pytest.raises(FileExistsError, match="not empty"):
+    synthetic.generate_task(root, config, progress=False)
+  synthetic.generate_task(root, config, overwrite=True, progress=False)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(FileExistsError, match="is a file"):
+    synthetic.generate_task(tmp_path / "file", config, overwrite=True,
+                            progress=False)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(shape=(4, 32, 32)),
+    dict(shape=(32, 32)),
+    dict(num_cases=0),
+    dict(kinds=("cube",)),
+    dict(kinds=()),
+    dict(num_objects=(0, 1)),
+    dict(num_objects=(2, 1)),
+    dict(num_distractors=(-1, 2)),
+    dict(distractor_intensity=(0.9, 0.5)),
+    dict(noise=-0.1),
+    dict(bias=1.0),
+    dict(spacing=(1.0, 0.0, 1.0)),
+    dict(seed=-1),
+])
+def test_bad_config(kwargs):
+  with pytest.raises(ValueError):
+    synthetic.SynthConfig(**kwargs)
+
+
+def test_too_many_objects_for_the_volume():
+  config = synthetic.SynthConfig(shape=(10, 10, 10), num_objects=(8, 8))
+  with pytest.raises(ValueError, match="could not fit 8"):
+    synthetic.make_case(config, 0)
+
+
+def test_cli_synth_and_preview(tmp_path, capsys):
+  out = tmp_path / "task"
+  argv = ["synth", str(out), "--shape", "16", "16", "16", "--num-cases", "2",
+          "--kinds", "torus", "blob", "--seed", "3"]
+  assert cli.main(argv) == 0
+  spec = json.loads((out / "dataset.json").read_text())
+  assert spec["synthetic"]["kinds"] == ["torus", "blob"]
+  assert spec["synthetic"]["shape"] == [16, 16, 16]
+  assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "wrote 2 cases" in capsys.readouterr().out
+  assert cli.main(argv) == 2
+  assert "not empty" in capsys.readouterr().err
+  assert cli.main(argv + ["--overwrite"]) == 0
