@@ -42,6 +42,8 @@ def _prepare(args: argparse.Namespace) -> int:
   import pathlib
   import time
 
+  import numpy as np
+
   from topojax import data
 
   shape = args.shape
@@ -57,12 +59,41 @@ def _prepare(args: argparse.Namespace) -> int:
                                  label_mode=args.label_mode)
   start = time.perf_counter()
   dataset = data.load_dataset(args.task_dir, config, cache_dir=args.cache_dir)
+  # Opening memory maps costs nothing; the timing includes one read of every
+  # case, as an epoch would do.
+  for i in range(len(dataset.case_ids)):
+    np.array(dataset.images[i]), np.array(dataset.labels[i])
   seconds = time.perf_counter() - start
   source = "cache hit" if dataset.from_cache else "decoded NIfTI"
   print(f"{len(dataset.case_ids)} cases -> images {dataset.images.shape}, "
-        f"labels {dataset.labels.shape} in {seconds:.2f} s "
-        f"({len(dataset.case_ids) / seconds:.1f} cases/s, {source}); "
+        f"labels {dataset.labels.shape}, loaded and read in {seconds:.2f} s "
+        f"({len(dataset.case_ids) / seconds:.2f} cases/s, {source}); "
         f"cache: {dataset.cache_path}")
+  return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+  from topojax import data
+  from topojax import evaluate
+
+  pred_dirs = {}
+  for spec in args.pred:
+    name, equals, folder = spec.partition("=")
+    if not equals:
+      folder = name
+    if name in pred_dirs:
+      raise ValueError(f"--pred: two runs are named {name!r}")
+    pred_dirs[name] = folder
+  case_ids = (data.Split.load(args.split).test if args.split is not None
+              else args.cases)
+  results = evaluate.evaluate_runs(
+      pred_dirs, args.labels, case_ids=case_ids, classes=args.classes,
+      keep_largest=args.keep_largest, out_dir=args.out,
+      overwrite=args.overwrite)
+  print(evaluate.markdown_table(
+      {run: summary for run, (_, summary) in results.items()}), end="")
+  if args.out is not None:
+    print(f"report written to {args.out}")
   return 0
 
 
@@ -125,6 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument("--cache-dir", default=None,
                        help="cache folder (default ~/.cache/topojax)")
   prepare.set_defaults(run=_prepare)
+
+  evaluate = sub.add_parser(
+      "evaluate", help="Table-2 metrics of NIfTI predictions against labels, "
+      "several runs side by side")
+  evaluate.add_argument(
+      "--pred", action="append", required=True, metavar="[NAME=]DIR",
+      help="a run's prediction folder, optionally named (no '=' in NAME) "
+      "for its table row, e.g. 'PPL 150+150=runs/ppl/pred'; repeat for more "
+      "runs")
+  evaluate.add_argument("--labels", required=True, metavar="LABEL_DIR",
+                        help="ground-truth folder, e.g. Task09_Spleen/labelsTr")
+  cases = evaluate.add_mutually_exclusive_group()
+  cases.add_argument("--cases", nargs="+", metavar="CASE",
+                     help="case ids to evaluate (default: every label)")
+  cases.add_argument("--split", metavar="SPLIT_JSON",
+                     help="evaluate the test cases of a run's split.json")
+  evaluate.add_argument("--classes", type=int, nargs="+", default=[1],
+                        help="label values to evaluate (default 1: binary)")
+  evaluate.add_argument("--keep-largest", type=int, metavar="N",
+                        help="keep the N largest components of each class of "
+                        "the predictions before measuring")
+  evaluate.add_argument("--out", metavar="DIR",
+                        help="write cases.csv, summary.json, table.md and "
+                        "cases.png there")
+  evaluate.add_argument("--overwrite", action="store_true",
+                        help="replace report files already in --out")
+  evaluate.set_defaults(run=_evaluate)
 
   return parser
 
