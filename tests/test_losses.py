@@ -180,6 +180,187 @@ def test_published_ball_example_value(reference_ppl):
   assert float(value) == pytest.approx(24.33, abs=5e-3)
 
 
+# --- The fast path against the reduce_window formulation --------------------
+
+
+def _reference_path_loss_and_grad(pred, target, backend, **kwargs):
+  """Loss and gradient of ``losses._reference_loss``, the exact formulation."""
+  kwargs = _reference_kwargs(np.shape(pred), kwargs)
+  kwargs["strides"] = kwargs["strides"] or kwargs["kernel_sizes"]
+  kwargs = {key: tuple(value) if isinstance(value, (list, tuple)) else value
+            for key, value in kwargs.items()}
+  device = jax.devices(backend)[0]
+  pred, target = jax.device_put(pred, device), jax.device_put(target, device)
+  value, grad = jax.value_and_grad(
+      functools.partial(losses._reference_loss, **kwargs))(pred, target)
+  return float(value), np.asarray(grad)
+
+
+def _assert_same_routing(grad, expected):
+  # Gradient entries are sums of a few ±1/(N·C'·3·|K|) terms; the two paths
+  # may add them in another order, which moves the result by an ulp or two,
+  # while a single misrouted window moves it by a whole term.
+  np.testing.assert_allclose(grad, expected, rtol=0,
+                             atol=4 * np.finfo(grad.dtype).eps
+                             * max(np.abs(expected).max(), 1.0))
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("name", list(RANDOM_CASES))
+def test_fast_path_matches_reference_path(name, ties, backend):
+  shape, kwargs = RANDOM_CASES[name]
+  pred, target = _random_case(shape, seed=len(name) + 1, ties=ties)
+  with jax.enable_x64(True):
+    value, grad = _jax_loss_and_grad(pred, target, backend, **kwargs)
+    expected, expected_grad = _reference_path_loss_and_grad(
+        pred, target, backend, **kwargs)
+  np.testing.assert_allclose(value, expected, rtol=1e-13)
+  _assert_same_routing(grad, expected_grad)
+
+
+def test_project_matches_reduce_window_and_routes_to_first_maximum():
+  pred, _ = _random_case((2, 9, 11, 7, 2), seed=11, ties=True)
+  cotangents = _random_case((3, 2, 11, 11, 2), seed=12)[0]
+  with jax.enable_x64(True):
+    planes, vjp = jax.vjp(losses.project, pred)
+    expected, expected_vjp = jax.vjp(losses._reference_planes, pred)
+    expected = dict(zip(losses.PLANES, expected))
+    for name in losses.PLANES:
+      np.testing.assert_array_equal(planes[name], expected[name])
+    plane_grads = {name: cotangents[i, :, :p.shape[1], :p.shape[2]]
+                   for i, (name, p) in enumerate(expected.items())}
+    grad, = vjp(plane_grads)
+    expected_grad, = expected_vjp([plane_grads[name] for name in losses.PLANES])
+  _assert_same_routing(np.asarray(grad), np.asarray(expected_grad))
+
+
+# --- Precomputed target features -----------------------------------------------
+
+
+FEATURE_CASES = {
+    "3d": ((2, 19, 23, 21, 1), dict(kernel_sizes=(4, 5, 8))),
+    "3d_3ch_overlap": ((2, 21, 26, 30, 3),
+                       dict(kernel_sizes=(4, 6), strides=(2, 3))),
+    "2d_from0": ((3, 37, 41, 2), dict(kernel_sizes=(4, 5), start_channel=0)),
+}
+
+
+@pytest.mark.parametrize("name, normalize", [
+    ("3d", False), ("3d_3ch_overlap", True), ("2d_from0", False)])
+def test_target_features_give_the_label_loss_and_gradient(name, normalize):
+  shape, kwargs = FEATURE_CASES[name]
+  pred, target = _random_case(shape, seed=13, ties=True)
+  with jax.enable_x64(True):
+    features = losses.pooled_target_features(target.astype(bool), **kwargs)
+    loss = jax.jit(jax.value_and_grad(functools.partial(
+        losses.projected_pooling_loss, normalize=normalize, **kwargs)))
+    value, grad = loss(pred, target)
+    value_from_features, grad_from_features = loss(pred, features)
+  np.testing.assert_allclose(value_from_features, value, rtol=1e-13)
+  _assert_same_routing(np.asarray(grad_from_features), np.asarray(grad))
+
+
+def test_target_features_count_pooled_cells():
+  # One foreground voxel lights one cell of every pooled plane.
+  target = np.zeros((2, 20, 20, 20, 1), np.uint8)
+  target[1, 3, 7, 11, 0] = 1
+  features = losses.pooled_target_features(target, kernel_sizes=(4, 5))
+  assert features.sums.shape == (2, 2, 3, 1)
+  np.testing.assert_array_equal(features.sums[0], 0)
+  np.testing.assert_array_equal(features.sums[1], 1)
+
+
+def test_target_features_of_cases_concatenate_into_a_batch():
+  _, target = _random_case((3, 12, 14, 10, 1), seed=14)
+  kwargs = dict(kernel_sizes=(2, 3))
+  per_case = [losses.pooled_target_features(t[None], **kwargs)
+              for t in target]
+  stacked = jax.tree.map(lambda *s: jnp.concatenate(s), *per_case)
+  batch = losses.pooled_target_features(target, **kwargs)
+  np.testing.assert_array_equal(stacked.sums, batch.sums)
+  assert jax.tree.structure(stacked) == jax.tree.structure(batch)
+
+
+FEATURE_MISMATCHES = {
+    "kernel_sizes": (dict(kernel_sizes=(2, 4)), "kernel_sizes"),
+    "strides": (dict(strides=(1, 3)), "strides"),
+    "start_channel": (dict(start_channel=0), "start_channel"),
+    "spatial shape": (dict(pred=(2, 12, 12, 10, 2)), "spatial_shape"),
+    "channels": (dict(pred=(2, 12, 12, 12, 3)), "num_channels"),
+    "batch": (dict(pred=(3, 12, 12, 12, 2)), r"shape \(N, K, P, C'\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MISMATCHES))
+def test_target_features_made_for_another_call_raise(name):
+  spec, message = FEATURE_MISMATCHES[name]
+  spec = dict(spec)
+  features = losses.pooled_target_features(
+      np.zeros((2, 12, 12, 12, 2), np.float32), kernel_sizes=(2, 3))
+  pred = np.zeros(spec.pop("pred", (2, 12, 12, 12, 2)), np.float32)
+  kwargs = {"kernel_sizes": (2, 3), **spec}
+  compiled_before = losses._projected_pooling_loss._cache_size()
+  with pytest.raises(ValueError, match=message):
+    losses.projected_pooling_loss(pred, features, **kwargs)
+  with pytest.raises(ValueError, match=message):
+    losses.topo_dice_loss(pred, pred, target_features=features, **kwargs)
+  assert losses._projected_pooling_loss._cache_size() == compiled_before
+
+
+def test_target_features_reject_bad_config():
+  with pytest.raises(ValueError, match="target must be channels-last"):
+    losses.pooled_target_features(np.zeros((4, 16, 1)))
+  with pytest.raises(ValueError, match="kernel size 8"):
+    losses.pooled_target_features(np.zeros((1, 30, 30, 6, 1)),
+                                  kernel_sizes=(4, 8))
+
+
+# --- Normalisation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["2d_3ch_odd", "3d_overlap"])
+def test_normalize_matches_torch_reference_divided_by_cells(name):
+  shape, kwargs = RANDOM_CASES[name]
+  pred, target = _random_case(shape, seed=15, ties=True)
+  expected, expected_grad = _torch_loss_and_grad(
+      pred, target, normalize=True, **_reference_kwargs(shape, kwargs))
+  with jax.enable_x64(True):
+    value, grad = _jax_loss_and_grad(pred, target, "cpu", normalize=True,
+                                     **kwargs)
+  np.testing.assert_allclose(value, expected, rtol=1e-12)
+  np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-16)
+
+
+def test_normalize_gives_the_fraction_of_pooled_cells():
+  # All-ones against all-zeros lights every cell: with 20³ and kernels 4, 5
+  # each plane has 5·5 = 25 and 4·4 = 16 cells, so the plain loss is their
+  # mean and every normalised term is 1.
+  pred = np.ones((2, 20, 20, 20, 1), np.float32)
+  target = np.zeros_like(pred)
+  loss = functools.partial(losses.projected_pooling_loss, kernel_sizes=(4, 5))
+  assert float(loss(pred, target)) == (25 + 16) / 2
+  assert float(loss(pred, target, normalize=True)) == 1.0
+
+
+def test_topo_dice_loss_passes_normalize_and_features_through():
+  rng = np.random.default_rng(16)
+  logits = rng.normal(size=(2, 12, 14, 10, 1)).astype(np.float32)
+  target = (rng.random(logits.shape) < 0.3).astype(np.float32)
+  kwargs = dict(kernel_sizes=(2, 5), normalize=True)
+  features = losses.pooled_target_features(target, kernel_sizes=(2, 5))
+  combined = functools.partial(losses.topo_dice_loss, **kwargs)
+  value, grad = jax.value_and_grad(combined)(logits, target)
+  value2, grad2 = jax.value_and_grad(
+      lambda x: combined(x, target, target_features=features))(logits)
+  expected = (losses.projected_pooling_loss(jax.nn.sigmoid(logits), target,
+                                            **kwargs)
+              + jnp.mean(optax.losses.dice_loss(logits, target)))
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+  np.testing.assert_allclose(value2, value, rtol=1e-6)
+  np.testing.assert_allclose(grad2, grad, rtol=0,
+                             atol=1e-6 * np.abs(grad).max())
+
+
 # --- Semantics that need no reference ---------------------------------------
 
 
@@ -238,8 +419,9 @@ def test_default_start_channel(channels, implied):
 def test_nan_in_pred_gives_nan():
   pred, target = _random_case((1, 12, 12, 12, 1), seed=2, dtype=np.float32)
   pred[0, 5, 5, 5, 0] = np.nan
-  assert np.isnan(float(losses.projected_pooling_loss(
-      pred, target, kernel_sizes=(2, 3))))
+  loss = functools.partial(losses.projected_pooling_loss, kernel_sizes=(2, 3))
+  assert np.isnan(float(loss(pred, target)))
+  assert np.isnan(jax.grad(loss)(pred, target)).any()
 
 
 # --- Transformations and dtypes ---------------------------------------------
@@ -385,6 +567,7 @@ def test_topo_dice_loss_is_topo_plus_weighted_dice(channels, dice_weight):
         logits, target)
   expected = topo + dice_weight * _numpy_dice_loss(probs, target)
   np.testing.assert_allclose(float(value), expected, rtol=1e-10)
+  grad = np.asarray(grad)
   assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 

@@ -20,7 +20,9 @@ def projections(volume: torch.Tensor) -> list[torch.Tensor]:
 
 
 def projected_pooling_loss(pred, target, *, kernel_sizes=(4, 5, 8, 10, 20),
-                           strides=None, start_channel=1):
+                           strides=None, start_channel=1, normalize=False):
+  """The published loss. ``normalize=True`` (a topojax option, not in the
+  published code) divides each term by the cell count of its pooled plane."""
   strides = kernel_sizes if strides is None else strides
   if pred.dim() == 5:
     pred_planes, target_planes = projections(pred), projections(target)
@@ -30,8 +32,11 @@ def projected_pooling_loss(pred, target, *, kernel_sizes=(4, 5, 8, 10, 20),
   for k, s in zip(kernel_sizes, strides):
     per_plane = []
     for p, t in zip(pred_planes, target_planes):
-      p_sum = F.max_pool2d(p, k, s)[:, start_channel:].sum(dim=(2, 3))
-      t_sum = F.max_pool2d(t, k, s)[:, start_channel:].sum(dim=(2, 3))
-      per_plane.append((p_sum - t_sum).abs().mean())
+      p_pooled = F.max_pool2d(p, k, s)[:, start_channel:]
+      t_pooled = F.max_pool2d(t, k, s)[:, start_channel:]
+      term = (p_pooled.sum(dim=(2, 3)) - t_pooled.sum(dim=(2, 3))).abs()
+      if normalize:
+        term = term / (p_pooled.shape[2] * p_pooled.shape[3])
+      per_plane.append(term.mean())
     per_kernel.append(torch.stack(per_plane).mean())
   return torch.stack(per_kernel).mean()

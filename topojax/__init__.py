@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "topojax.losses": (
-        "DEFAULT_KERNEL_SIZES", "max_pool_2d", "project",
-        "projected_pooling_loss", "topo_dice_loss"),
+        "DEFAULT_KERNEL_SIZES", "TargetFeatures", "max_pool_2d",
+        "pooled_target_features", "project", "projected_pooling_loss",
+        "topo_dice_loss"),
     "topojax.metrics": (
         "betti_numbers", "case_metrics", "connected_component_error_2d",
         "connected_component_error_3d", "dice", "euler_characteristic",

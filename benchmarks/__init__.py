@@ -1,0 +1,1 @@
+"""Microbenchmarks of topojax; run each module with ``python -m benchmarks.NAME``."""

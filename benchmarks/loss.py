@@ -1,0 +1,522 @@
+"""Speed of the Projected Pooling Loss against PyTorch and persistent homology.
+
+Times the forward pass and the forward + backward pass (float32, a warm-up,
+then the median of several repeats) of:
+
+* topojax's loss (its fast path), with the label as target and with the
+  target's pooled features computed once beforehand
+  (``pooled_target_features``), as a training loop would;
+* topojax's reference path (every max a ``reduce_window``);
+* the PyTorch reference of the tests (``tests/torch_reference.py``);
+* the persistent-homology losses of ``topolosses`` (Betti matching, Hu et
+  al.'s TopoLoss; clDice is 2D-only there), when installed, within a time
+  budget;
+* a NumPy copy of the prediction's bytes, the memory floor;
+
+for volumes from 32³ to the paper's 160×160×128, batch 1 and 2, on whatever
+JAX backend is present. Prints a table with ratios, writes JSON and a log-log
+PNG of time against voxel count under ``--out``, and the tables into the loss
+section of ``benchmarks/RESULTS.md``::
+
+  python -m benchmarks.loss              # full run, a few minutes
+  python -m benchmarks.loss --quick      # one small input, no PH losses
+
+The inputs are a synthetic ball label and a blurred, slightly noisy copy of it
+as the prediction: the persistent-homology losses take longer the more
+critical points the prediction has, the others do not care.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+import types
+
+import numpy as np
+from scipy import ndimage
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "out"
+DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTION_START = "<!-- loss benchmark: start (written by python -m benchmarks.loss) -->"
+SECTION_END = "<!-- loss benchmark: end -->"
+
+SIZES = ((32, 32, 32), (64, 64, 64), (96, 96, 96), (128, 128, 128),
+         (160, 160, 128))
+BATCHES = (1, 2)
+QUICK_SIZES, QUICK_BATCHES = ((24, 24, 24),), (1,)
+
+FAST, FEATURES, REFERENCE, TORCH, FLOOR = (
+    "topojax", "topojax, precomputed target", "topojax reference path",
+    "PyTorch reference", "NumPy copy (floor)")
+BETTI, HUTOPO = "Betti matching", "Hu et al. TopoLoss"
+PEERS = {BETTI: "betti_matching.src.betti_matching_loss.BettiMatchingLoss",
+         HUTOPO: "hutopo.src.hutopo_loss.HutopoLoss"}
+# topolosses 0.2.0's CLDiceLoss raises on anything but (N, C, H, W).
+CLDICE_NOTE = "clDice is not timed: topolosses' CLDiceLoss takes 2D input only"
+
+
+def make_inputs(shape, seed=0):
+  """A ball label and a smooth, imperfect prediction, ``(N, X, Y, Z, 1)`` float32.
+
+  The prediction is the label plus noise, blurred: soft edges and a few
+  shallow bumps, like a network's output, rather than white noise, whose
+  countless critical points would make the persistent-homology losses far
+  slower than in training.
+  """
+  rng = np.random.default_rng(seed)
+  n, spatial = shape[0], shape[1:-1]
+  grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in spatial],
+                              indexing="ij"))
+  ball = (np.sum(grid**2, axis=0) < 0.5**2).astype(np.float32)
+  target = np.repeat(ball[None, ..., None], n, axis=0)
+  noisy = target + 0.3 * rng.standard_normal(target.shape).astype(np.float32)
+  pred = ndimage.gaussian_filter(noisy, sigma=(0, 2, 2, 2, 0))
+  return np.clip(pred, 0, 1).astype(np.float32), target
+
+
+def time_call(fn, repeats, warmup=1):
+  """Median and minimum of ``repeats`` timed calls after ``warmup`` calls, s."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return {"median_s": statistics.median(times), "min_s": min(times),
+          "repeats": repeats}
+
+
+def _jax_methods(pred, target):
+  """``{name: (forward, forward_backward)}`` thunks for topojax's paths."""
+  import jax
+
+  from topojax import losses
+
+  kernel_sizes = losses.DEFAULT_KERNEL_SIZES
+  pred, target = jax.device_put(pred), jax.device_put(target)
+  features = losses.pooled_target_features(target)
+  fast = losses.projected_pooling_loss
+  reference = functools.partial(
+      losses._reference_loss, kernel_sizes=kernel_sizes,
+      strides=kernel_sizes, start_channel=0)
+  methods = {}
+  for name, loss, label in ((FAST, fast, target), (FEATURES, fast, features),
+                            (REFERENCE, reference, target)):
+    forward = jax.jit(loss)
+    forward_backward = jax.jit(jax.value_and_grad(loss))
+    methods[name] = (
+        lambda f=forward, t=label: jax.block_until_ready(f(pred, t)),
+        lambda f=forward_backward, t=label: jax.block_until_ready(f(pred, t)))
+  return methods
+
+
+def _load_torch_reference():
+  spec = importlib.util.spec_from_file_location(
+      "torch_reference", ROOT / "tests" / "torch_reference.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _torch_thunks(loss, pred, target):
+  """Forward and forward + backward thunks of a channels-first torch loss."""
+  import torch
+
+  pred = torch.from_numpy(np.ascontiguousarray(np.moveaxis(pred, -1, 1)))
+  target = torch.from_numpy(np.ascontiguousarray(np.moveaxis(target, -1, 1)))
+  leaf = pred.clone().requires_grad_(True)
+
+  def forward():
+    with torch.no_grad():
+      return loss(pred, target)
+
+  def forward_backward():
+    leaf.grad = None
+    value = loss(leaf, target)
+    value.backward()
+    return value
+
+  return forward, forward_backward
+
+
+def _fastest_threads(forward, forward_backward, repeats):
+  """Times a torch loss on one thread and on torch's default, keeps the faster.
+
+  On a loaded machine, torch's parallel regions wait for a second core and can
+  run a hundred times slower than on one thread; keeping the faster setting
+  is fair to PyTorch. The persistent-homology losses, timed after, run with
+  the same setting.
+  """
+  import torch
+
+  best = None
+  for threads in sorted({1, torch.get_num_threads()}):
+    torch.set_num_threads(threads)
+    timing = {"threads": threads, "forward": time_call(forward, repeats),
+              "forward_backward": time_call(forward_backward, repeats)}
+    if (best is None or timing["forward_backward"]["median_s"]
+        < best["forward_backward"]["median_s"]):
+      best = timing
+  return best
+
+
+def _load_peers():
+  """The topolosses loss classes by name, or a reason they are missing.
+
+  ``topolosses.losses`` imports all its losses, including one that needs
+  torchvision; PyPI's torchvision is built against the CUDA build of torch
+  and fails to load with the CPU build. The losses timed here need neither,
+  so their modules are imported without running that package's __init__.
+  """
+  spec = importlib.util.find_spec("topolosses")
+  if spec is None:
+    return {}, ("topolosses is not installed (pip install torch==2.13.0, then "
+                "pip install --no-deps topolosses==0.2.0 gudhi POT)")
+  package = types.ModuleType("topolosses.losses")
+  package.__path__ = [str(pathlib.Path(spec.origin).parent / "losses")]
+  sys.modules.setdefault("topolosses.losses", package)
+  classes = {}
+  for name, path in PEERS.items():
+    module, cls = path.rsplit(".", 1)
+    classes[name] = getattr(
+        importlib.import_module(f"topolosses.losses.{module}"), cls)
+  return classes, None
+
+
+class _Budget:
+  """Seconds left for one slow method; sizes are run smallest first."""
+
+  def __init__(self, seconds):
+    self.left = seconds
+    self.last = None  # (voxels, seconds per forward + backward call)
+
+  def allows(self, voxels, calls):
+    if self.last is None:
+      return True
+    last_voxels, last_call = self.last
+    # Persistent homology grows faster than linearly; assume an exponent of
+    # 1.5, then let the budget, not the guess, stop a run that grows faster.
+    return calls * last_call * (voxels / last_voxels)**1.5 <= self.left
+
+  def spend(self, seconds, voxels, per_call):
+    self.left -= seconds
+    self.last = (voxels, per_call)
+
+
+def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
+  """Times every method on every input; returns a list of result records."""
+  import torch
+
+  torch_reference = _load_torch_reference()
+  peer_classes, peers_missing = _load_peers() if peers else ({}, "not run")
+  budgets = {name: _Budget(peer_budget_s) for name in peer_classes}
+  default_threads = torch.get_num_threads()
+  records = []
+  for batch in batches:
+    for spatial in sizes:
+      shape = (batch, *spatial, 1)
+      voxels = int(np.prod(shape))
+      pred, target = make_inputs(shape)
+      methods = _jax_methods(pred, target)
+      methods[TORCH] = _torch_thunks(functools.partial(
+          torch_reference.projected_pooling_loss, start_channel=0),
+                                     pred, target)
+      copy = np.empty_like(pred)
+      methods[FLOOR] = (None, lambda: np.copyto(copy, pred))
+      for name, cls in peer_classes.items():
+        loss = cls(use_base_loss=False, include_background=True, alpha=1.0)
+        methods[name] = _torch_thunks(loss, pred, target)
+      for name, (forward, forward_backward) in methods.items():
+        record = {"method": name, "shape": list(shape), "voxels": voxels}
+        budget = budgets.get(name)
+        n = min(repeats, 2) if budget else repeats
+        if budget and not budget.allows(voxels, 2 * (n + 1)):
+          record["skipped"] = (f"time budget of {peer_budget_s:.0f} s would "
+                               "be exceeded")
+          records.append(record)
+          log(f"{str(shape):22} {name:30} skipped (time budget)")
+          continue
+        start = time.perf_counter()
+        if name == TORCH:
+          record.update(_fastest_threads(forward, forward_backward, n))
+          torch.set_num_threads(record["threads"])
+        else:
+          if forward is not None:
+            record["forward"] = time_call(forward, n)
+          record["forward_backward"] = time_call(forward_backward, n)
+        if budget:
+          budget.spend(time.perf_counter() - start, voxels,
+                       record["forward_backward"]["median_s"])
+        records.append(record)
+        fwd = record.get("forward", {}).get("median_s")
+        log(f"{str(shape):22} {name:30} "
+            f"forward {_ms(fwd):>9}  forward+backward "
+            f"{_ms(record['forward_backward']['median_s']):>9} ms")
+      torch.set_num_threads(default_threads)
+  return records, peers_missing
+
+
+def _ms(seconds):
+  return "–" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def environment(peers_missing, load_at_start):
+  """Machine, versions and load, for the record."""
+  import jax
+
+  def version(package):
+    try:
+      return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+
+  cpu = platform.processor()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  import torch
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "command": "python -m benchmarks.loss " + " ".join(sys.argv[1:]),
+      "cpu": cpu, "cpu_count": os.cpu_count(),
+      "load_average_start": list(load_at_start),
+      "load_average_end": list(os.getloadavg()),
+      "jax_backend": jax.default_backend(),
+      "jax_devices": [str(d) for d in jax.devices()],
+      "torch_default_threads": torch.get_num_threads(),
+      "versions": {p: version(p) for p in (
+          "jax", "jaxlib", "numpy", "torch", "topolosses", "gudhi")},
+      "python": platform.python_version(),
+      "peers_missing": peers_missing,
+  }
+
+
+def _lookup(records):
+  table = {}
+  for r in records:
+    table[(tuple(r["shape"]), r["method"])] = r
+  return table
+
+
+def _ratio(a, b):
+  return "–" if a is None or b is None else f"{a / b:.1f}×"
+
+
+def _median(record, mode):
+  if record is None or mode not in record:
+    return None
+  return record[mode]["median_s"]
+
+
+def summary(records):
+  """The issue's targets, measured: ``{name: value}`` (None when not run)."""
+  table = _lookup(records)
+  shapes = sorted({tuple(r["shape"]) for r in records},
+                  key=lambda s: (s[0], np.prod(s)))
+  fb = functools.partial(_median, mode="forward_backward")
+  out = {}
+  paper = (2, 160, 160, 128, 1)
+  out["paper_torch_over_fast"] = _safe_div(
+      fb(table.get((paper, TORCH))), fb(table.get((paper, FAST))))
+  out["paper_fast_over_floor"] = _safe_div(
+      fb(table.get((paper, FAST))), fb(table.get((paper, FLOOR))))
+  out["paper_features_over_floor"] = _safe_div(
+      fb(table.get((paper, FEATURES))), fb(table.get((paper, FLOOR))))
+  ball96 = (1, 96, 96, 96, 1)
+  out["96_betti_over_fast"] = _safe_div(
+      fb(table.get((ball96, BETTI))), fb(table.get((ball96, FAST))))
+  out["96_hutopo_over_fast"] = _safe_div(
+      fb(table.get((ball96, HUTOPO))), fb(table.get((ball96, FAST))))
+  per_voxel = [fb(table.get((s, FAST))) / np.prod(s) for s in shapes
+               if fb(table.get((s, FAST)))]
+  out["fast_per_voxel_spread"] = (max(per_voxel) / min(per_voxel)
+                                  if per_voxel else None)
+  return out
+
+
+def _safe_div(a, b):
+  return None if a is None or b is None else a / b
+
+
+def markdown(records, env):
+  """The loss section of RESULTS.md: environment, two tables, targets."""
+  table = _lookup(records)
+  shapes = sorted({tuple(r["shape"]) for r in records},
+                  key=lambda s: (s[0], np.prod(s)))
+  methods = [m for m in (FAST, FEATURES, REFERENCE, TORCH, BETTI, HUTOPO,
+                         FLOOR) if any(r["method"] == m for r in records)]
+  versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+  lines = [
+      SECTION_START, "", "## Loss: forward and forward + backward", "",
+      f"`{env['command'].strip()}` on {env['date']}: {env['cpu']}, "
+      f"{env['cpu_count']} cores (1-minute load average "
+      f"{env['load_average_start'][0]:.2f} at the start, "
+      f"{env['load_average_end'][0]:.2f} at the end), JAX backend "
+      f"`{env['jax_backend']}`; PyTorch timed on 1 and on "
+      f"{env['torch_default_threads']} threads, the faster kept (per input, in "
+      "the JSON); " f"{versions}.", "",
+      "float32, medians of the repeats after a warm-up, in ms; ratios are "
+      "from this one run. The label is a ball, the prediction a blurred noisy "
+      "copy of it (`make_inputs` in `benchmarks/loss.py`).", "",
+  ]
+  if env["peers_missing"]:
+    lines += [f"Persistent-homology losses: {env['peers_missing']}.", ""]
+  else:
+    lines += [f"Persistent-homology losses: topolosses, topological term "
+              f"only; {CLDICE_NOTE}; \"budget\" marks inputs skipped to "
+              "keep the run short.", ""]
+  for mode, title in (("forward_backward", "Forward + backward"),
+                      ("forward", "Forward")):
+    cols = [m for m in methods if not (mode == "forward" and m == FLOOR)]
+    lines += [f"### {title}", "",
+              "| input (N, X, Y, Z, C) | " + " | ".join(cols)
+              + " | PyTorch ÷ topojax | topojax ÷ floor |",
+              "|---" * (len(cols) + 3) + "|"]
+    for shape in shapes:
+      cells = []
+      for m in cols:
+        r = table.get((shape, m))
+        if r is not None and "skipped" in r:
+          cells.append("budget")
+        else:
+          cells.append(_ms(_median(r, mode)))
+      fast = _median(table.get((shape, FAST)), mode)
+      floor = _median(table.get((shape, FLOOR)), "forward_backward")
+      lines.append(
+          f"| {shape} | " + " | ".join(cells) + " | "
+          + _ratio(_median(table.get((shape, TORCH)), mode), fast) + " | "
+          + (_ratio(fast, floor) if mode == "forward_backward" else "–")
+          + " |")
+    lines.append("")
+  s = summary(records)
+
+  def fmt(value, unit="×"):
+    return "not measured" if value is None else f"{value:.1f}{unit}"
+
+  lines += [
+      "### Targets (forward + backward)", "",
+      f"- (2, 160, 160, 128, 1): PyTorch reference ÷ topojax = "
+      f"{fmt(s['paper_torch_over_fast'])} (target ≥ 50×); topojax ÷ NumPy "
+      f"copy = {fmt(s['paper_fast_over_floor'])}, with a precomputed target "
+      f"{fmt(s['paper_features_over_floor'])} (target ≤ 4×).",
+      f"- 96³, batch 1: Betti matching ÷ topojax = "
+      f"{fmt(s['96_betti_over_fast'])} (target ≥ 1000×); Hu et al. ÷ "
+      f"topojax = {fmt(s['96_hutopo_over_fast'])}.",
+      f"- topojax's time per voxel, slowest ÷ fastest over all inputs: "
+      f"{fmt(s['fast_per_voxel_spread'])} (target ≤ 2×).", "", SECTION_END]
+  return "\n".join(lines) + "\n"
+
+
+def update_results(path, section):
+  """Replaces the loss section of ``path``, leaving the rest as it was."""
+  path = pathlib.Path(path)
+  text = path.read_text() if path.exists() else "# Benchmark results\n"
+  if SECTION_START in text and SECTION_END in text:
+    head, rest = text.split(SECTION_START, 1)
+    _, tail = rest.split(SECTION_END, 1)
+    text = head + section.rstrip("\n") + tail
+  else:
+    text = text.rstrip("\n") + "\n\n" + section
+  path.write_text(text)
+
+
+def plot(records, path):
+  """Log-log forward + backward time against voxel count, one line a method."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for method in dict.fromkeys(r["method"] for r in records):
+    points = sorted((r["voxels"], r["forward_backward"]["median_s"])
+                    for r in records
+                    if r["method"] == method and "forward_backward" in r)
+    if points:
+      voxels, seconds = zip(*points)
+      ax.plot(voxels, np.array(seconds) * 1e3, "o-", label=method)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("voxels (N·X·Y·Z)")
+  ax.set_ylabel("forward + backward, ms (median)")
+  ax.set_title("Projected Pooling Loss and peers, float32")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.loss", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="one small input, batch 1, no persistent-homology "
+                      "losses, RESULTS.md untouched (a smoke test)")
+  parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
+                      help="folder for loss.json and loss.png "
+                      f"(default {DEFAULT_OUT.relative_to(ROOT)})")
+  parser.add_argument("--results", type=pathlib.Path, default=None,
+                      help="markdown file whose loss section is replaced "
+                      f"(default {DEFAULT_RESULTS.relative_to(ROOT)}; none "
+                      "with --quick)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace loss.json and loss.png if they exist")
+  parser.add_argument("--repeats", type=int, default=7,
+                      help="timed calls per method and input (default 7; "
+                      "at most 2 for persistent-homology losses)")
+  parser.add_argument("--peer-budget", type=float, default=120.0,
+                      help="seconds each persistent-homology loss may take "
+                      "over all inputs (default 120)")
+  args = parser.parse_args(argv)
+  if args.repeats < 1:
+    raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+  results = args.results
+  if results is None and not args.quick:
+    results = DEFAULT_RESULTS
+  outputs = [args.out / "loss.json", args.out / "loss.png"]
+  existing = [str(p) for p in outputs if p.exists()]
+  if existing and not args.overwrite:
+    raise FileExistsError(
+        f"{', '.join(existing)} already exist; pass --overwrite to replace "
+        "them or --out for another folder")
+  args.out.mkdir(parents=True, exist_ok=True)
+
+  load_at_start = os.getloadavg()
+  records, peers_missing = run(
+      sizes=QUICK_SIZES if args.quick else SIZES,
+      batches=QUICK_BATCHES if args.quick else BATCHES,
+      repeats=args.repeats, peers=not args.quick,
+      peer_budget_s=args.peer_budget)
+  env = environment(peers_missing, load_at_start)
+  section = markdown(records, env)
+  print("\n" + section)
+  outputs[0].write_text(json.dumps(
+      {"environment": env, "summary": summary(records), "records": records},
+      indent=1))
+  plot(records, outputs[1])
+  print(f"wrote {outputs[0]} and {outputs[1]}")
+  if results is not None:
+    update_results(results, section)
+    print(f"updated the loss section of {results}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

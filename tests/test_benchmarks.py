@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/loss.py: one small input, no persistent homology."""
+
+import json
+
+import pytest
+
+from benchmarks import loss as bench  # The repository root is on pytest's path.
+
+pytest.importorskip("torch", reason="the benchmark times the PyTorch reference")
+
+
+def test_quick_run_times_every_method_and_writes_its_outputs(tmp_path):
+  results = tmp_path / "RESULTS.md"
+  results.write_text("# Benchmark results\n\n## Training step\n\nkept\n")
+  assert bench.main(["--quick", "--repeats", "1", "--out", str(tmp_path),
+                     "--results", str(results)]) == 0
+
+  report = json.loads((tmp_path / "loss.json").read_text())
+  timed = {r["method"]: r for r in report["records"]}
+  assert set(timed) == {bench.FAST, bench.FEATURES, bench.REFERENCE,
+                        bench.TORCH, bench.FLOOR}
+  for record in timed.values():
+    assert record["shape"] == [1, *bench.QUICK_SIZES[0], 1]
+    assert record["forward_backward"]["median_s"] > 0
+  assert report["environment"]["jax_backend"]
+  assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+  text = results.read_text()
+  assert "## Training step\n\nkept\n" in text
+  assert text.count(bench.SECTION_START) == 1
+  assert "| (1, 24, 24, 24, 1) |" in text
+
+
+def test_refuses_to_overwrite_outputs_before_timing_anything(tmp_path):
+  (tmp_path / "loss.json").write_text("{}")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    bench.main(["--quick", "--out", str(tmp_path)])
+  assert (tmp_path / "loss.json").read_text() == "{}"
+
+
+def test_update_results_replaces_only_its_own_section(tmp_path):
+  path = tmp_path / "RESULTS.md"
+  bench.update_results(path, f"{bench.SECTION_START}\nold\n{bench.SECTION_END}\n")
+  path.write_text(path.read_text() + "\n## Training step\n\nkept\n")
+  bench.update_results(path, f"{bench.SECTION_START}\nnew\n{bench.SECTION_END}\n")
+  text = path.read_text()
+  assert "old" not in text and "new" in text
+  assert text.endswith("## Training step\n\nkept\n")
