@@ -97,6 +97,52 @@ def _evaluate(args: argparse.Namespace) -> int:
   return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+  import dataclasses
+  import os
+  import pathlib
+
+  import jax
+
+  if args.distributed:
+    # Before anything else touches JAX: it finds the other processes from
+    # the cluster's environment (SLURM, Kubernetes, Cloud TPU, ...).
+    jax.distributed.initialize()
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # Later runs of the same network skip XLA's compilation (seconds to a
+    # minute on CPU).
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    jax.config.update("jax_compilation_cache_dir",
+                      str(pathlib.Path(base) / "topojax" / "xla"))
+
+  from topojax import train
+
+  config = train.load_config(args.config)
+  if args.seed is not None:
+    config = dataclasses.replace(config, seed=args.seed)
+  phases = {"1": (1,), "2": (2,), "both": (1, 2)}[args.phase]
+  results = train.train(config, args.data, args.out, phases=phases,
+                        init=args.init, phase2_loss=args.phase2_loss,
+                        resume=args.resume, overwrite=args.overwrite,
+                        cache_dir=args.cache_dir)
+  for phase, result in results.items():
+    print(f"phase {phase}: best epoch {result.best_epoch} of "
+          f"{result.epochs_run} (val Dice {result.best_val_dice:.4f}) in "
+          f"{result.run_dir}")
+  return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+  from topojax import predict
+
+  paths = predict.predict_run(args.run_dir, args.data, args.out,
+                              keep_largest=args.keep_largest,
+                              overwrite=args.overwrite,
+                              cache_dir=args.cache_dir)
+  print(f"{len(paths)} test-case predictions written to {args.out}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="topojax",
@@ -183,6 +229,66 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--overwrite", action="store_true",
                         help="replace report files already in --out")
   evaluate.set_defaults(run=_evaluate)
+
+  train = sub.add_parser(
+      "train", help="train the 3D U-Net: Dice pre-training (phase 1), then "
+      "PPL + Dice fine-tuning (phase 2)",
+      description="Train the 3D U-Net as in Fu et al. 2023: Dice pre-training "
+      "(phase 1), then PPL + Dice fine-tuning from its best epoch (phase 2). "
+      "Compiled XLA programs are cached in ~/.cache/topojax/xla (or "
+      "$JAX_COMPILATION_CACHE_DIR), so later runs of the same network start "
+      "at once.")
+  train.add_argument("--config", required=True,
+                     help="JSON TrainConfig, e.g. "
+                     "experiments/configs/synthetic.json")
+  train.add_argument("--data", required=True, metavar="TASK_DIR",
+                     help="MSD task folder with dataset.json")
+  train.add_argument("--out", required=True, metavar="RUN_DIR",
+                     help="run folder; phases go to RUN_DIR/phase1 and "
+                     "RUN_DIR/phase2")
+  train.add_argument("--phase", choices=("1", "2", "both"), default="both",
+                     help="phases to train (default both)")
+  train.add_argument("--init", metavar="PHASE1_DIR",
+                     help="with --phase 2: the finished phase-1 folder to "
+                     "fine-tune (default RUN_DIR/phase1)")
+  train.add_argument("--phase2-loss", choices=("topo_dice", "dice"),
+                     help="override the config's phase-2 loss; 'dice' is the "
+                     "paper's Dice 150+150 baseline")
+  train.add_argument("--seed", type=int,
+                     help="override the config's training seed (weights and "
+                     "batch order; the split keeps split_seed)")
+  train.add_argument("--resume", action="store_true",
+                     help="continue the phases in RUN_DIR from their latest "
+                     "checkpoints")
+  train.add_argument("--overwrite", action="store_true",
+                     help="delete the previous run of these phases in RUN_DIR "
+                     "and start again")
+  train.add_argument("--cache-dir", default=None,
+                     help="preprocessing cache (default ~/.cache/topojax)")
+  train.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() first: one "
+                     "process per host, all with the same arguments")
+  train.set_defaults(run=_train)
+
+  predict = sub.add_parser(
+      "predict", help="segment a run's test cases; NIfTI masks in the "
+      "original image space")
+  predict.add_argument("--run", required=True, dest="run_dir",
+                       metavar="RUN_DIR",
+                       help="run folder (its last finished phase) or a "
+                       "phase folder")
+  predict.add_argument("--data", required=True, metavar="TASK_DIR",
+                       help="the MSD task folder the run was trained on")
+  predict.add_argument("--out", required=True, metavar="PRED_DIR",
+                       help="folder for <case_id>.nii.gz")
+  predict.add_argument("--keep-largest", type=int, metavar="N",
+                       help="keep the N largest connected components of "
+                       "each class")
+  predict.add_argument("--overwrite", action="store_true",
+                       help="replace predictions already in PRED_DIR")
+  predict.add_argument("--cache-dir", default=None,
+                       help="preprocessing cache (default ~/.cache/topojax)")
+  predict.set_defaults(run=_predict)
 
   return parser
 

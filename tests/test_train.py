@@ -1,0 +1,372 @@
+"""Tests for topojax/train.py: a tiny two-phase run, resume, data parallel."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from unittest import mock
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from topojax import checkpoint
+from topojax import cli
+from topojax import losses
+from topojax import synthetic
+from topojax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# 12 cases: 8 train (2 batches of 4), 2 validation (one padded batch), 2 test.
+CONFIG = train.TrainConfig(
+    shape=(16, 16, 16), base_channels=4, depth=2, batch_size=4,
+    flip_axes=(0,), kernel_sizes=(2, 4),
+    phase1=train.PhaseConfig(loss="dice", epochs=3, learning_rate=1e-2),
+    phase2=train.PhaseConfig(loss="topo_dice", epochs=2, learning_rate=1e-3))
+
+
+class Crash(Exception):
+  """Stands for the process dying."""
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data") / "Task00_Tiny"
+  synthetic.generate_task(
+      root, synthetic.SynthConfig(shape=(16, 16, 16), num_cases=12, seed=0),
+      progress=False)
+  return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def four_devices(task, cache, tmp_path_factory):
+  """``topojax train --phase 1`` on 4 CPU devices, in a subprocess.
+
+  Started before the in-process run so that the two compile at the same
+  time, one core each.
+  """
+  out = tmp_path_factory.mktemp("four_devices")
+  config_path = out / "config.json"
+  config_path.write_text(json.dumps(CONFIG.to_json()))
+  env = {**os.environ,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": str(out / "xla")}
+  process = subprocess.Popen(
+      [sys.executable, "-m", "topojax.cli", "train", "--config",
+       str(config_path), "--data", str(task), "--out", str(out / "run"),
+       "--phase", "1", "--cache-dir", str(cache)],
+      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  yield out / "run", process
+  if process.poll() is None:
+    process.kill()
+    process.communicate()
+
+
+@pytest.fixture(scope="module")
+def run(task, cache, four_devices, tmp_path_factory):
+  """Both phases, uninterrupted; restores recorded."""
+  out = tmp_path_factory.mktemp("runs") / "run"
+  with mock.patch.object(checkpoint, "restore",
+                         wraps=checkpoint.restore) as restore:
+    results = train.train(CONFIG, task, out, cache_dir=cache, progress=False)
+  return out, results, restore.call_args_list
+
+
+def _log(phase_dir):
+  return [json.loads(line)
+          for line in (phase_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _saved(phase_dir, epoch, item="model"):
+  """A checkpoint item as NumPy arrays, read without a template."""
+  path = (phase_dir / "checkpoints" / str(epoch) / item).absolute()
+  checkpointer = ocp.PyTreeCheckpointer()
+  # As host arrays: the checkpoint may come from another device count.
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, restore_args=as_numpy)
+
+
+def _epochs(phase_dir):
+  return sorted(int(p.name) for p in (phase_dir / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
+def test_two_phase_run_writes_its_files(run):
+  out, results, _ = run
+  for phase, epochs in ((1, 3), (2, 2)):
+    phase_dir = out / f"phase{phase}"
+    for name in ("config.json", "split.json", "summary.json"):
+      assert (phase_dir / name).is_file()
+    assert (phase_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = _log(phase_dir)
+    assert [line["epoch"] for line in log] == list(range(1, epochs + 1))
+    for line in log:
+      assert line["phase"] == phase
+      assert np.isfinite(line["train_loss"])
+      assert 0 <= line["val_dice"] <= 1 and line["val_topo"] >= 0
+      assert line["time_s"] > 0 and line["cases_per_s"] > 0
+    lr = (CONFIG.phase1 if phase == 1 else CONFIG.phase2).learning_rate
+    assert {line["lr"] for line in log} == {lr}
+    result = results[phase]
+    assert result.epochs_run == epochs and not result.stopped_early
+    assert json.loads((phase_dir / "summary.json").read_text()) == {
+        **result.__dict__}
+
+
+def test_keeps_the_latest_and_the_best_checkpoint(run):
+  out, results, _ = run
+  for phase in (1, 2):
+    log = _log(out / f"phase{phase}")
+    dice = [line["val_dice"] for line in log]
+    # Orbax ranks ties by recency: the best is the last epoch with the max.
+    best = max(e for e, d in enumerate(dice, 1) if d == max(dice))
+    assert results[phase].best_epoch == best
+    assert results[phase].best_val_dice == max(dice)
+    assert _epochs(out / f"phase{phase}") == sorted({best, len(log)})
+
+
+def test_steps_compile_once(run):
+  _, results, _ = run
+  assert results[1].train_step_compilations == 1
+  assert results[1].eval_step_compilations == 1
+  assert results[2].train_step_compilations == 1  # another loss
+  # Phase 2 evaluates the same network on the same shapes.
+  assert results[2].eval_step_compilations == 0
+
+
+def test_phase2_starts_from_the_best_phase1_checkpoint(run):
+  out, results, restores = run
+  (call,) = restores  # Nothing else was restored in a fresh run.
+  manager, epoch = call.args
+  assert pathlib.Path(manager.directory) == out / "phase1" / "checkpoints"
+  assert epoch == results[1].best_epoch
+  assert "optimizer" not in call.kwargs  # Adam starts afresh.
+
+
+def test_phases_share_a_split_that_keeps_test_cases_out(run, task, cache):
+  out, _, _ = run
+  split = json.loads((out / "phase1" / "split.json").read_text())
+  assert json.loads((out / "phase2" / "split.json").read_text()) == split
+  assert (len(split["train"]), len(split["val"]), len(split["test"])) == (
+      8, 2, 2)
+  assert not set(split["test"]) & set(split["train"] + split["val"])
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run(
+    run, task, cache, tmp_path):
+  out, _, _ = run
+  real_save = checkpoint.save
+
+  def save_then_die(manager, epoch, **kwargs):
+    real_save(manager, epoch, **kwargs)
+    if epoch == 2:
+      raise Crash
+
+  with mock.patch.object(checkpoint, "save", save_then_die):
+    with pytest.raises(Crash):
+      train.train(CONFIG, task, tmp_path, phases=(1,), cache_dir=cache,
+                  progress=False)
+  phase_dir = tmp_path / "phase1"
+  assert _epochs(phase_dir) == [2] or _epochs(phase_dir) == [1, 2]
+  # A write of epoch 3 cut short: orbax's temporary folder, half filled.
+  stray = phase_dir / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"
+  (stray / "model").mkdir(parents=True)
+  (stray / "model" / "_METADATA").write_text("{trunc")
+
+  with pytest.raises(FileExistsError, match="--resume"):
+    train.train(CONFIG, task, tmp_path, phases=(1,), cache_dir=cache,
+                progress=False)
+  result = train.train(CONFIG, task, tmp_path, phases=(1,), resume=True,
+                       cache_dir=cache, progress=False)[1]
+
+  assert not stray.exists()
+  assert result.epochs_run == 3
+  for item in ("model", "optimizer"):
+    resumed = jax.tree.leaves(_saved(phase_dir, 3, item))
+    uninterrupted = jax.tree.leaves(_saved(out / "phase1", 3, item))
+    assert len(resumed) == len(uninterrupted) > 0
+    for a, b in zip(resumed, uninterrupted):
+      np.testing.assert_array_equal(a, b)
+  timing = ("time_s", "cases_per_s")
+  strip = lambda log: [{k: v for k, v in l.items() if k not in timing}
+                       for l in log]
+  assert strip(_log(phase_dir)) == strip(_log(out / "phase1"))
+
+
+def test_resume_refuses_another_configuration(run, task, cache):
+  out, _, _ = run
+  other = dataclasses.replace(CONFIG, phase1=train.PhaseConfig(
+      loss="dice", epochs=3, learning_rate=1e-3))
+  with pytest.raises(ValueError, match="another configuration"):
+    train.train(other, task, out, phases=(1,), resume=True, cache_dir=cache,
+                progress=False)
+
+
+def test_overwrite_starts_again_and_keeps_other_files(run, task, cache,
+                                                      tmp_path):
+  out, _, _ = run
+  mine = tmp_path / "notes.txt"
+  mine.write_text("keep me")
+  (tmp_path / "phase1").mkdir()
+  (tmp_path / "phase1" / "log.jsonl").write_text('{"epoch": 7}\n')
+  train.train(CONFIG, task, tmp_path, phases=(1,), overwrite=True,
+              cache_dir=cache, progress=False)
+  assert mine.read_text() == "keep me"
+  assert _log(tmp_path / "phase1") == [
+      {**line, "time_s": mock.ANY, "cases_per_s": mock.ANY}
+      for line in _log(out / "phase1")]
+  # Phase 2 goes next to it, from it, without --resume or --overwrite.
+  result = train.train(CONFIG, task, tmp_path, phases=(2,), cache_dir=cache,
+                       progress=False)[2]
+  assert result.best_val_dice == run[1][2].best_val_dice
+
+
+def test_phase2_loss_override_gives_the_dice_baseline(run, task, cache,
+                                                      tmp_path):
+  out, _, _ = run
+
+  class Stop(Exception):
+    pass
+
+  with mock.patch.object(train, "make_train_step",
+                         side_effect=Stop) as make_step:
+    with pytest.raises(Stop):
+      train.train(CONFIG, task, tmp_path, phases=(2,), init=out / "phase1",
+                  phase2_loss="dice", cache_dir=cache, progress=False)
+  assert make_step.call_args.kwargs["loss"] == "dice"
+  assert make_step.call_args.kwargs["learning_rate"] == (
+      CONFIG.phase2.learning_rate)
+  spec = json.loads((tmp_path / "phase2" / "config.json").read_text())
+  assert (spec["phase"], spec["loss"]) == (2, "dice")
+  assert spec["init"] == str(out / "phase1")
+
+
+def test_phase2_init_must_be_a_matching_finished_phase1(run, task, cache,
+                                                        tmp_path):
+  out, _, _ = run
+  with pytest.raises(FileNotFoundError, match="has not finished"):
+    train.train(CONFIG, task, tmp_path / "a", phases=(2,), init=tmp_path,
+                cache_dir=cache, progress=False)
+  deeper = dataclasses.replace(CONFIG, base_channels=8)
+  with pytest.raises(ValueError, match="base_channels: 4 there, 8 here"):
+    train.train(deeper, task, tmp_path / "b", phases=(2,),
+                init=out / "phase1", cache_dir=cache, progress=False)
+
+
+def test_batch_size_must_divide_the_device_count(task, cache, tmp_path):
+  with mock.patch.object(jax, "device_count", return_value=3):
+    with pytest.raises(ValueError, match="multiple of the 3 devices"):
+      train.train(CONFIG, task, tmp_path, cache_dir=cache, progress=False)
+
+
+def test_data_parallel_on_4_devices_matches_one_device(run, four_devices):
+  out, _, _ = run
+  sharded_run, process = four_devices
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert "batch 4 over 4 device(s)" in stdout
+  # Same maths, sums in another order: float32 rounding only.
+  sharded = jax.tree.leaves(_saved(sharded_run / "phase1", 3))
+  single = jax.tree.leaves(_saved(out / "phase1", 3))
+  assert len(sharded) == len(single) > 0
+  for a, b in zip(sharded, single):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  for a, b in zip(_log(sharded_run / "phase1"), _log(out / "phase1")):
+    for key in ("train_loss", "val_dice", "val_topo"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4)
+
+
+def test_make_loss():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
+  labels = (rng.random((2, 8, 8, 8, 1)) > 0.5).astype(np.float32)
+  probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  overlap = (probs * labels).sum(axis=(1, 2, 3, 4))
+  total = probs.sum(axis=(1, 2, 3, 4)) + labels.sum(axis=(1, 2, 3, 4))
+  # Soft Dice with smoothing 1 (optax's default), averaged over the batch.
+  expected = np.mean(1 - (overlap + 1) / (total / 2 + 1))
+  dice = train.make_loss("dice", dice_weight=2.0, kernel_sizes=(2, 4))
+  np.testing.assert_allclose(dice(logits, labels), expected, rtol=1e-5)
+  topo = train.make_loss("topo_dice", dice_weight=2.0, kernel_sizes=(2, 4))
+  ppl = losses.projected_pooling_loss(probs.astype(np.float32), labels,
+                                      kernel_sizes=(2, 4))
+  np.testing.assert_allclose(topo(logits, labels), ppl + 2 * expected,
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="loss must be one of"):
+    train.make_loss("ppl", dice_weight=1.0, kernel_sizes=(2,))
+
+
+def test_load_config_round_trip(tmp_path):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(CONFIG.to_json()))
+  assert train.load_config(path) == CONFIG
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"phase1": {"loss": "dice", "epochs": 1, "learning_rate": 1e-3,
+                 "momentum": 0.9}}, r"unknown keys \['phase1.momentum'\]"),
+    ({"lr": 1e-3}, r"unknown keys \['lr'\]"),
+    ({"shape": [16, 16, 12], "depth": 4}, "multiple of 2"),
+    ({"kernel_sizes": [4, 20]}, "must be positive, non-empty and fit"),
+    ({"phase2": {"loss": "ppl", "epochs": 1, "learning_rate": 1e-3}},
+     "loss must be one of"),
+    ({"batch_size": 0}, "batch_size must be a positive int"),
+])
+def test_load_config_rejects_bad_files(tmp_path, change, match):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({**CONFIG.to_json(), **change}))
+  with pytest.raises(ValueError, match=match):
+    train.load_config(path)
+
+
+def test_load_config_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config file"):
+    train.load_config(tmp_path / "nope.json")
+
+
+# DESIGN.md §3 and the paper's §3.1.
+PAPER_SHAPES = {"spleen": (160, 160, 128), "heart": (160, 160, 128),
+                "hippocampus": (64, 64, 48)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SHAPES))
+def test_paper_configs_hold_the_papers_values(name):
+  config = train.load_config(ROOT / "experiments" / "configs" / f"{name}.json")
+  assert config.shape == PAPER_SHAPES[name]
+  assert (config.phase1.loss, config.phase1.epochs,
+          config.phase1.learning_rate) == ("dice", 150, 1e-3)
+  assert (config.phase2.loss, config.phase2.epochs,
+          config.phase2.learning_rate) == ("topo_dice", 150, 1e-4)
+  assert config.dice_weight == 1.0
+  assert config.kernel_sizes == (4, 5, 8, 10, 20)
+
+
+def test_synthetic_config_loads():
+  config = train.load_config(ROOT / "experiments" / "configs" /
+                             "synthetic.json")
+  assert config.phase1.loss == "dice" and config.phase2.loss == "topo_dice"
+
+
+def test_cli_refuses_a_used_run_dir(task, tmp_path, capsys, monkeypatch):
+  # Keeps the command from pointing JAX at the user's cache folder.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla"))
+  config_path = tmp_path / "config.json"
+  config_path.write_text(json.dumps(CONFIG.to_json()))
+  (tmp_path / "run" / "phase1").mkdir(parents=True)
+  (tmp_path / "run" / "phase1" / "log.jsonl").write_text("")
+  code = cli.main(["train", "--config", str(config_path), "--data", str(task),
+                   "--out", str(tmp_path / "run")])
+  assert code == 2
+  assert "is not empty" in capsys.readouterr().err
