@@ -80,7 +80,7 @@ class SynthConfig:
   kinds: tuple[str, ...] = ("ellipsoid",)
   num_objects: tuple[int, int] = (1, 1)
   num_distractors: tuple[int, int] = (2, 4)
-  distractor_intensity: tuple[float, float] = (0.6, 0.95)
+  distractor_intensity: tuple[float, float] = (0.8, 1.0)
   noise: float = 0.35
   bias: float = 0.3
   spacing: tuple[float, float, float] = (1.0, 1.0, 1.5)

@@ -1,0 +1,135 @@
+"""The reproduction's figures (PNG, matplotlib).
+
+(a) ``method_figure``: a prediction and its label, their axial, sagittal and
+    coronal projections, and the pooled maps at each kernel size — the
+    paper's Figure 1, on our data.
+(b) ``qualitative_figure``: one slice of a test case, the label and each
+    setting's prediction side by side — the paper's Figure 2.
+(c) ``curves_figure``: training curves of both phases, phase 2 drawn after
+    phase 1 for each variant.
+
+Volumes are channels-last NumPy arrays ``(X, Y, Z)`` of one case and class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from topojax import losses  # noqa: E402
+
+
+def method_figure(pred: np.ndarray, label: np.ndarray, path: str | os.PathLike,
+                  *, kernel_sizes: Sequence[int] = losses.DEFAULT_KERNEL_SIZES
+                  ) -> None:
+  """Projections and pooled maps of a prediction and its label (paper, §2.1).
+
+  Args:
+    pred: probabilities ``(X, Y, Z)`` in [0, 1].
+    label: binary ``(X, Y, Z)``.
+    path: PNG to write.
+    kernel_sizes: pooling kernels, one column each.
+  """
+  volumes = {"prediction": pred, "label": label}
+  planes = {name: losses.project(np.asarray(v, np.float32)[None, ..., None])
+            for name, v in volumes.items()}
+  rows = [(name, plane) for name in volumes for plane in losses.PLANES]
+  columns = 2 + len(kernel_sizes)
+  fig, axes = plt.subplots(len(rows), columns,
+                           figsize=(1.9 * columns, 1.9 * len(rows)),
+                           constrained_layout=True)
+  mid = pred.shape[2] // 2
+  for r, (name, plane) in enumerate(rows):
+    projection = planes[name][plane]
+    if plane == "axial":
+      _show(axes[r, 0], volumes[name][:, :, mid], f"{name}\nslice z={mid}")
+    else:
+      axes[r, 0].axis("off")
+    _show(axes[r, 1], np.asarray(projection[0, ..., 0]),
+          f"{plane} projection")
+    for c, k in enumerate(kernel_sizes):
+      pooled = np.asarray(losses.max_pool_2d(projection, k, k)[0, ..., 0])
+      _show(axes[r, 2 + c], pooled, f"k={k}: Σ={pooled.sum():.1f}")
+  fig.suptitle("Projected pooling: max projections, then k×k max pooling; "
+               "the loss compares the sums Σ", fontsize=10)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _show(ax, image, title):
+  ax.imshow(np.asarray(image).T, origin="lower", cmap="gray", vmin=0, vmax=1,
+            interpolation="nearest")
+  ax.set_title(title, fontsize=8)
+  ax.set_xticks([])  # Keep the frame: an all-white map must still show.
+  ax.set_yticks([])
+
+
+def qualitative_figure(image: np.ndarray, label: np.ndarray,
+                       predictions: Mapping[str, np.ndarray],
+                       path: str | os.PathLike, *, title: str = "") -> None:
+  """One axial slice: the image, the label and each setting's prediction.
+
+  The slice is the one where the settings' masks disagree most with the
+  label, so spurious components, when there are any, are in view.
+
+  Args:
+    image: ``(X, Y, Z)`` intensities.
+    label: binary ``(X, Y, Z)``.
+    predictions: setting name → binary ``(X, Y, Z)`` mask.
+    path: PNG to write.
+    title: figure title, e.g. the case id.
+  """
+  errors = sum(np.logical_xor(p > 0, label > 0).sum(axis=(0, 1))
+               for p in predictions.values())
+  z = int(np.argmax(errors))
+  panels = {"image": None, "label": label, **predictions}
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9),
+                           constrained_layout=True)
+  for ax, (name, mask) in zip(axes, panels.items()):
+    ax.imshow(image[:, :, z].T, origin="lower", cmap="gray",
+              interpolation="nearest")
+    if mask is not None:
+      overlay = np.ma.masked_equal((mask[:, :, z] > 0).T.astype(float), 0)
+      ax.imshow(overlay, origin="lower", cmap="autumn", alpha=0.55,
+                interpolation="nearest", vmin=0, vmax=1)
+    ax.set_title(name, fontsize=9)
+    ax.axis("off")
+  fig.suptitle(f"{title} axial slice z={z}".strip(), fontsize=10)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def curves_figure(phase1: Sequence[Mapping], phase2: Mapping[str, Sequence[Mapping]],
+                  path: str | os.PathLike, *, title: str = "") -> None:
+  """Training loss and validation Dice of phase 1, then each phase-2 variant.
+
+  Args:
+    phase1: the phase-1 log, one mapping per epoch with ``train_loss`` and
+      ``val_dice``.
+    phase2: variant name → its phase-2 log, same keys.
+    path: PNG to write.
+    title: figure title.
+  """
+  fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(10, 3.6),
+                                         constrained_layout=True)
+  epochs1 = np.arange(1, len(phase1) + 1)
+  for ax, key in ((loss_ax, "train_loss"), (dice_ax, "val_dice")):
+    ax.plot(epochs1, [e[key] for e in phase1], color="k", label="phase 1 (Dice)")
+    for name, log in phase2.items():
+      epochs2 = len(phase1) + np.arange(1, len(log) + 1)
+      ax.plot(epochs2, [e[key] for e in log], label=f"phase 2: {name}")
+    ax.axvline(len(phase1) + 0.5, color="0.7", lw=0.8, ls="--")
+    ax.set_xlabel("epoch")
+  loss_ax.set_ylabel("training loss (own objective)")
+  loss_ax.set_yscale("log")
+  dice_ax.set_ylabel("validation Dice")
+  dice_ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

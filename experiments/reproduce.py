@@ -1,0 +1,291 @@
+"""Reproduce the paper's protocol end to end (Fu et al. 2023, §3; Table 2).
+
+    python -m experiments.reproduce                      # synthetic task, 3 seeds
+    python -m experiments.reproduce --quick              # one seed, 2+2 epochs
+    python -m experiments.reproduce --config experiments/configs/spleen.json \
+        --data /data/Task09_Spleen --seeds 0 1 2
+
+For each seed: phase 1 pre-trains with Dice; from its best checkpoint, phase 2
+fine-tunes three ways — Dice only (the paper's "Dice 150+150"), the published
+PPL + λ Dice ("Ours 150+150"), and PPL normalised per pooled cell + λ Dice —
+then every setting, phase 1 alone included ("Dice 150"), segments the held-out
+test cases, which are evaluated once, with the paper's metrics.
+
+Written to ``--out`` (default ``experiments/out/<config name>``):
+
+* ``table.md``: Table 2, mean ± standard deviation over seeds of each seed's
+  mean over test cases; ``results.json``: the numbers behind it, per seed;
+* ``method.png`` (projections and pooled maps), ``qualitative.png`` (one test
+  slice, every setting), ``curves.png`` (both phases' training curves);
+* ``seed<k>/<setting>/``: each run's checkpoints and logs, ``pred/`` (NIfTI
+  masks in image space) and ``report/`` (per-case metrics).
+
+Without ``--data`` the built-in synthetic task is generated (seconds) in
+``<out>/data`` when absent. An interrupted reproduction continues where it
+stopped with ``--resume``: finished phases are skipped, an unfinished one
+resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from topojax import data
+from topojax import evaluate
+from topojax import predict
+from topojax import synthetic
+from topojax import train
+
+ROOT = pathlib.Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "configs" / "synthetic.json"
+
+# Phase-2 variants: directory, loss, normalised PPL.
+VARIANTS = (
+    ("dice_ft", "dice", False),
+    ("ppl", "topo_dice", False),
+    ("ppl_norm", "topo_dice", True),
+)
+
+
+def setting_names(config: train.TrainConfig) -> dict[str, str]:
+  """Row names of Table 2 with this config's epochs, keyed by directory."""
+  e1, e2 = config.phase1.epochs, config.phase2.epochs
+  return {"phase1": f"Dice {e1}", "dice_ft": f"Dice {e1}+{e2}",
+          "ppl": f"PPL {e1}+{e2}", "ppl_norm": f"PPL-norm {e1}+{e2}"}
+
+
+def quick_config(config: train.TrainConfig) -> train.TrainConfig:
+  """A couple of epochs of each phase, for a smoke run."""
+  return dataclasses.replace(
+      config, phase1=dataclasses.replace(config.phase1, epochs=2,
+                                         patience=None),
+      phase2=dataclasses.replace(config.phase2, epochs=2, patience=None))
+
+
+def run_seed(config: train.TrainConfig, dataset: data.Dataset,
+             split: data.Split, task_dir: pathlib.Path, out: pathlib.Path, *,
+             cache_dir, progress: bool) -> dict[str, dict]:
+  """Trains, predicts and evaluates every setting of one seed.
+
+  Returns:
+    Setting directory → the binary-class summary of ``evaluate.evaluate_runs``.
+  """
+  phase1 = out / "phase1"
+  train.train_phase(config, dataset, split, phase1, phase=1,
+                    progress=progress)
+  runs = {"phase1": phase1}
+  for name, loss, normalize in VARIANTS:
+    runs[name] = out / name
+    train.train_phase(dataclasses.replace(config, normalize=normalize),
+                      dataset, split, runs[name], phase=2, loss=loss,
+                      init=phase1, progress=progress)
+  summaries = {}
+  for name, run_dir in runs.items():
+    pred_dir = run_dir / "pred"
+    predict.predict_run(run_dir, task_dir, pred_dir, cache_dir=cache_dir,
+                        overwrite=True)
+    results = evaluate.evaluate_runs(
+        {name: pred_dir}, task_dir / "labelsTr", case_ids=split.test,
+        out_dir=run_dir / "report", overwrite=True)
+    summaries[name] = results[name][1]
+  return summaries
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]], names: dict[str, str]
+              ) -> dict[str, dict[str, dict[str, float]]]:
+  """Mean and standard deviation over seeds of each seed's case mean.
+
+  Returns:
+    Setting name → metric key → ``{"mean", "std", "seeds"}``; ``seeds``
+    counts the seeds with a finite value.
+  """
+  table = {}
+  for directory, name in names.items():
+    row = {}
+    for key, _ in evaluate.TABLE_COLUMNS:
+      values = []
+      for summaries in per_seed.values():
+        stats = next(iter(summaries[directory].values()))
+        values.append(stats["pearson_r"] if key == "pearson_r"
+                      else stats["metrics"][key]["mean"])
+      finite = np.array([v for v in values if math.isfinite(v)])
+      row[key] = {"mean": float(finite.mean()) if finite.size else math.nan,
+                  "std": float(finite.std()) if finite.size else math.nan,
+                  "seeds": int(finite.size)}
+    table[name] = row
+  return table
+
+
+def markdown(table, *, seeds, header: str) -> str:
+  columns = [title for _, title in evaluate.TABLE_COLUMNS]
+  lines = [header, "", "| Setting | " + " | ".join(columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+  for name, row in table.items():
+    cells = []
+    for key, _ in evaluate.TABLE_COLUMNS:
+      stat = row[key]
+      cell = ("n/a" if math.isnan(stat["mean"])
+              else f"{stat['mean']:.3f} ± {stat['std']:.3f}")
+      if 0 < stat["seeds"] < len(seeds):
+        cell += f" ({stat['seeds']} seeds)"
+      cells.append(cell)
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", f"Mean ± standard deviation over seeds {list(seeds)} of each "
+            "seed's mean over the test cases (Pearson's r: over the test "
+            "cases of each seed). |Δβi|: Betti-number errors (components, "
+            "tunnels, cavities)."]
+  return "\n".join(lines) + "\n"
+
+
+def figures(config, dataset, split, out: pathlib.Path, seed_dir: pathlib.Path,
+            names: dict[str, str]) -> None:
+  """method.png, qualitative.png and curves.png from one seed's runs."""
+  from experiments import figures as figs  # Loads matplotlib.
+
+  rows = dataset.indices(split.test)
+  images = np.stack([dataset.images[r] for r in rows])
+  labels = np.stack([dataset.labels[r] for r in rows])[..., -1]
+  masks = {}
+  for directory, name in names.items():
+    model_def, state = predict.restore_best(
+        predict.phase_dir(seed_dir / directory), config,
+        in_channels=images.shape[-1], out_channels=dataset.labels.shape[-1])
+    probs = np.stack(predict.segment(model_def, state, images,
+                                     batch_size=config.batch_size))[..., -1]
+    if directory == "phase1":
+      phase1_probs = probs
+    masks[name] = probs > 0.5
+  # The test case where the settings disagree most in component count.
+  from topojax import metrics
+  spread = [np.ptp([metrics.count_components(m[i]) for m in masks.values()])
+            for i in range(len(rows))]
+  case = int(np.argmax(spread))
+  figs.method_figure(phase1_probs[case], labels[case], out / "method.png",
+                     kernel_sizes=config.kernel_sizes)
+  figs.qualitative_figure(images[case, ..., 0], labels[case],
+                          {n: m[case] for n, m in masks.items()},
+                          out / "qualitative.png",
+                          title=f"{split.test[case]}, seed {config.seed},")
+  read_log = lambda d: [json.loads(line) for line in
+                        (d / "log.jsonl").read_text().splitlines() if line]
+  figs.curves_figure(
+      read_log(seed_dir / "phase1"),
+      {names[d]: read_log(seed_dir / d) for d, _, _ in VARIANTS},
+      out / "curves.png", title=f"seed {config.seed}")
+
+
+def reproduce(*, config_path=DEFAULT_CONFIG, task_dir=None, seeds=None,
+              out=None, quick=False, resume=False, cache_dir=None,
+              progress=True) -> dict:
+  """The whole protocol; returns what ``results.json`` holds.
+
+  ``seeds`` defaults to (0, 1, 2), or (0,) with ``quick``.
+  """
+  started = time.perf_counter()
+  if seeds is None:
+    seeds = (0,) if quick else (0, 1, 2)
+  config = train.load_config(config_path)
+  if quick:
+    config = quick_config(config)
+  out = pathlib.Path(out if out is not None else
+                     ROOT / "out" / pathlib.Path(config_path).stem)
+  if out.exists() and any(out.iterdir()) and not resume:
+    raise FileExistsError(f"--out {out} is not empty; pass --resume to "
+                          "continue that reproduction, or choose another "
+                          "folder")
+  if not seeds:
+    raise ValueError("--seeds: give at least one seed")
+  if task_dir is None:
+    task_dir = out / "data" / "Task00_Synthetic"
+    if not (task_dir / "dataset.json").is_file():
+      synth = synthetic.SynthConfig(shape=config.shape)
+      synthetic.generate_task(task_dir, synth, overwrite=resume,
+                              progress=progress)
+  task_dir = pathlib.Path(task_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  dataset = data.load_dataset(task_dir, config.preprocess_config(),
+                              cache_dir=cache_dir, progress=progress)
+  split = data.default_split(dataset.task, seed=config.split_seed)
+  names = setting_names(config)
+  per_seed = {}
+  for seed in seeds:
+    seed_config = dataclasses.replace(config, seed=seed)
+    if progress:
+      print(f"=== seed {seed} ===", flush=True)
+    per_seed[seed] = run_seed(seed_config, dataset, split, task_dir,
+                              out / f"seed{seed}", cache_dir=cache_dir,
+                              progress=progress)
+  table = aggregate(per_seed, names)
+  minutes = (time.perf_counter() - started) / 60
+  header = (f"Table 2 on {task_dir.name}: {len(split.train)} train, "
+            f"{len(split.val)} validation, {len(split.test)} test cases, "
+            f"{config.shape} voxels; {len(seeds)} seed(s); "
+            f"{minutes:.1f} min")
+  text = markdown(table, seeds=seeds, header=header)
+  (out / "table.md").write_text(text)
+  results = {"config": config.to_json(), "task": str(task_dir),
+             "split": dataclasses.asdict(split), "seeds": list(seeds),
+             "minutes": minutes, "table": table,
+             "per_seed": {str(s): {names[d]: v for d, v in summaries.items()}
+                          for s, summaries in per_seed.items()}}
+  (out / "results.json").write_text(json.dumps(_strict(results), indent=1))
+  figures(dataclasses.replace(config, seed=seeds[0]), dataset, split, out,
+          out / f"seed{seeds[0]}", names)
+  if progress:
+    print(text)
+    print(f"written to {out}: table.md, results.json, method.png, "
+          "qualitative.png, curves.png")
+  return results
+
+
+def _strict(value):
+  """JSON-ready: NaN and infinities become null."""
+  if isinstance(value, dict):
+    return {k: _strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.reproduce", description=__doc__.split(
+          "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                      help="TrainConfig JSON (default: the synthetic task's)")
+  parser.add_argument("--data", metavar="TASK_DIR",
+                      help="MSD task folder (default: the synthetic task, "
+                      "generated in OUT/data when absent)")
+  parser.add_argument("--seeds", type=int, nargs="+",
+                      help="training seeds (default 0 1 2; 0 with --quick)")
+  parser.add_argument("--out", help="output folder (default "
+                      "experiments/out/<config name>)")
+  parser.add_argument("--quick", action="store_true",
+                      help="2 + 2 epochs, one seed: a smoke run of the whole pipeline")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue an interrupted reproduction in --out")
+  parser.add_argument("--cache-dir", help="preprocessing cache (default "
+                      "~/.cache/topojax)")
+  args = parser.parse_args(argv)
+  try:
+    reproduce(config_path=args.config, task_dir=args.data, seeds=args.seeds,
+              out=args.out, quick=args.quick, resume=args.resume,
+              cache_dir=args.cache_dir)
+  except (ValueError, FileNotFoundError, FileExistsError) as err:
+    print(f"reproduce: error: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
