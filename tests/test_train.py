@@ -205,6 +205,26 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(
   assert strip(_log(phase_dir)) == strip(_log(out / "phase1"))
 
 
+def test_patience_stops_early_also_after_a_crash(run, task, cache, tmp_path):
+  patient = dataclasses.replace(CONFIG, phase1=dataclasses.replace(
+      CONFIG.phase1, patience=1))
+  falling = iter([0.5, 0.4, 0.3])
+  with mock.patch.object(train, "validate", side_effect=lambda *a, **k: {
+      "val_dice": next(falling), "val_topo": 1.0}):
+    result = train.train(patient, task, tmp_path, phases=(1,),
+                         cache_dir=cache, progress=False)[1]
+  # Epoch 2 is one epoch without improvement: patience 1 is out.
+  assert (result.epochs_run, result.best_epoch, result.stopped_early) == (
+      2, 1, True)
+  assert _epochs(tmp_path / "phase1") == [1, 2]
+  # Died before writing the summary: resuming must not train epoch 3.
+  (tmp_path / "phase1" / "summary.json").unlink()
+  with mock.patch.object(train, "validate", side_effect=AssertionError):
+    resumed = train.train(patient, task, tmp_path, phases=(1,), resume=True,
+                          cache_dir=cache, progress=False)[1]
+  assert resumed.epochs_run == 2 and resumed.stopped_early
+
+
 def test_resume_refuses_another_configuration(run, task, cache):
   out, _, _ = run
   other = dataclasses.replace(CONFIG, phase1=train.PhaseConfig(

@@ -46,6 +46,11 @@ def test_conv3d_by_planes_matches_the_3d_convolution(kernel_shape):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_conv3d_by_planes_rejects_an_even_x_side():
+  with pytest.raises(ValueError, match="odd X side"):
+    unet.conv3d_by_planes(_random((1, 4, 4, 4, 1)), _random((2, 3, 3, 1, 1)))
+
+
 def test_conv3d_by_planes_gradient_matches_the_3d_convolution():
   x = _random((1, 6, 5, 4, 3))
   kernel = _random((3, 3, 3, 3, 2), seed=1)

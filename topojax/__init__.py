@@ -26,6 +26,11 @@ _PUBLIC = {
         "TaskProtocol", "default_split", "iterate_batches", "load_case",
         "load_dataset", "make_split", "read_task", "write_prediction"),
     "topojax.synthetic": ("SynthConfig", "generate_task"),
+    "topojax.unet": ("UNet", "count_parameters", "probabilities"),
+    "topojax.train": (
+        "PhaseConfig", "PhaseResult", "TrainConfig", "load_config",
+        "train_phase"),
+    "topojax.predict": ("predict_run",),
     "topojax.postprocess": ("keep_largest_components",),
     "topojax.evaluate": (
         "evaluate_cases", "evaluate_runs", "markdown_table", "write_report"),

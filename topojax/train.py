@@ -22,7 +22,8 @@ each with:
 * ``curves.png``: those curves; ``summary.json``: written when the phase ends.
 
 Compiled steps: each phase jit-compiles one train step and one evaluation
-step. Batches always have ``batch_size`` cases (the last partial training
+step; both see whole volumes at the fixed preprocessing shape (no sliding
+window is needed). Batches always have ``batch_size`` cases (the last partial training
 batch is dropped, the last validation batch is padded), so neither step
 recompiles after the first batch; ``summary.json`` records the number of
 compilations of each. The step factories are cached, so phases of the same
@@ -175,6 +176,9 @@ class TrainConfig:
                        f"{self.seed} and {self.split_seed}")
     if self.dice_weight < 0:
       raise ValueError(f"dice_weight must be >= 0, got {self.dice_weight}")
+    if not isinstance(self.normalize, bool):
+      raise ValueError(f"normalize must be true or false, got "
+                       f"{self.normalize!r}")
     if (not self.kernel_sizes or min(self.kernel_sizes) < 1
         or max(self.kernel_sizes) > min(self.shape)):
       raise ValueError(
@@ -311,9 +315,10 @@ def init_state(config: TrainConfig, *, in_channels: int, out_channels: int,
 
   model_def = nnx.graphdef(nnx.eval_shape(lambda: create_model(
       config, in_channels=in_channels, out_channels=out_channels)))
-  # One compiled function instead of one per initialiser, unoptimised: XLA's
-  # CPU backend otherwise spends ~20 s optimising random-number code that
-  # runs once.
+  # One compiled function instead of one per initialiser, and unoptimised:
+  # XLA's CPU backend spends seconds optimising random-number code that runs
+  # once (tiny test network, 2 cores: 22 s eagerly, 14 s compiled with the
+  # default optimisation, 2 s without).
   state = jax.jit(init, out_shardings=jax.NamedSharding(mesh, jax.P()),
                   compiler_options={"xla_backend_optimization_level": 0})()
   return model_def, state
@@ -411,7 +416,7 @@ def _pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
                                          batch.dtype)])
 
 
-def evaluate(eval_step, model_state, images, labels, indices: Sequence[int],
+def validate(eval_step, model_state, images, labels, indices: Sequence[int],
              *, batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Mean validation Dice and PPL over the cases ``indices``.
 
@@ -542,6 +547,12 @@ def _restore(manager, state: dict[str, Any], *, config: TrainConfig,
   return state, 0
 
 
+def _out_of_patience(epoch: int, best: int, phase: PhaseConfig) -> bool:
+  """Whether patience ran out after ``epoch``, the best being ``best``."""
+  return (phase.patience is not None and epoch - best >= phase.patience
+          and epoch < phase.epochs)
+
+
 def _train_epoch(train_step, state, dataset: data.Dataset, rows, *,
                  config: TrainConfig, epoch: int, mesh: jax.sharding.Mesh,
                  desc: str, progress: bool):
@@ -662,15 +673,18 @@ def train_phase(config: TrainConfig, dataset: data.Dataset, split: data.Split,
       normalize=config.normalize)
   eval_step = make_eval_step(model_def, mesh, kernel_sizes=config.kernel_sizes)
   compiled_before = train_step._cache_size(), eval_step._cache_size()
-  stopped_early = False
   epoch = start
-  for epoch in range(start + 1, phase_config.epochs + 1):
+  # Checked on resuming too: a crash may come after patience ran out.
+  stopped_early = start > 0 and _out_of_patience(
+      epoch, manager.best_step(), phase_config)
+  while not stopped_early and epoch < phase_config.epochs:
+    epoch += 1
     began = time.perf_counter()
     desc = f"phase {phase} epoch {epoch}/{phase_config.epochs}"
     state, train_loss, cases_per_s = _train_epoch(
         train_step, state, dataset, train_rows, config=config, epoch=epoch,
         mesh=mesh, desc=desc, progress=progress)
-    scores = evaluate(eval_step, state["model"], dataset.images,
+    scores = validate(eval_step, state["model"], dataset.images,
                       dataset.labels, val_rows, batch_size=config.batch_size,
                       mesh=mesh)
     line = {"phase": phase, "epoch": epoch, "train_loss": train_loss,
@@ -691,10 +705,7 @@ def train_phase(config: TrainConfig, dataset: data.Dataset, split: data.Split,
           f"{scores['val_dice']:.4f}, val topo {scores['val_topo']:.2f}, "
           f"{line['time_s']:.1f} s ({cases_per_s:.2f} cases/s); best epoch "
           f"{best}")
-    if (phase_config.patience is not None
-        and epoch - best >= phase_config.patience):
-      stopped_early = epoch < phase_config.epochs
-      break
+    stopped_early = _out_of_patience(epoch, best, phase_config)
 
   best = manager.best_step()
   manager.close()
@@ -722,9 +733,11 @@ def plot_curves(log: Sequence[dict[str, Any]], path: str | os.PathLike, *,
     best_epoch: marked with a dashed line.
     title: above the three panels.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  # Imported here: only the end of a phase draws, and matplotlib is slow to
+  # import.
+  import matplotlib
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt
 
   epochs = [line["epoch"] for line in log]
   panels = (("train_loss", "train loss"), ("val_dice", "validation Dice"),

@@ -16,7 +16,7 @@ with a softmax (see ``probabilities``). Every spatial side must be a multiple
 of ``2^(depth - 1)``.
 
 Three layers are written for XLA's CPU backend, where Flax's stock ones are
-slow; together they make a training step about 4 times faster there
+slow; together they make a training step 2 to 3 times faster there
 (``benchmarks/RESULTS.md``):
 
 * On CPU, a ``3×3×3`` convolution runs as three 2D ``3×3`` convolutions over
@@ -40,9 +40,9 @@ from flax import nnx
 
 NORMS = ("batch", "group", "instance")
 
-# GroupNorm uses the largest number of groups up to 8 that divides the width:
-# 8 (Wu & He's choice for wide layers) at the usual widths, and still defined
-# for the tiny widths of tests.
+# GroupNorm uses the largest number of groups, at most 8, that divides the
+# width: 8 at the usual widths (16 and up, two or more channels per group),
+# fewer at the tiny widths of tests.
 _MAX_GROUPS = 8
 
 
@@ -80,6 +80,9 @@ def conv3d_by_planes(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """
   n, sx, sy, sz, _ = x.shape
   kx = kernel.shape[0]
+  if kx % 2 == 0:
+    raise ValueError(f"kernel must have an odd X side, got shape "
+                     f"{kernel.shape}")
   padded = jnp.pad(x, ((0, 0), (kx // 2, kx // 2), (0, 0), (0, 0), (0, 0)))
   out = 0
   for i in range(kx):
@@ -97,11 +100,12 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, *,
   """``nnx.Conv``'s convolution: ``conv3d_by_planes`` where it is faster.
 
   That is a channels-last 3D, stride-1, undilated, ungrouped 'SAME'
-  convolution with a kernel wider than one voxel and no precision, output
+  convolution whose kernel has an odd X side above 1, and no precision, output
   type or sharding asked for, on the CPU backend; everything else goes to
   ``jax.lax.conv_general_dilated`` unchanged.
   """
-  plain = (lhs.ndim == 5 and padding == "SAME" and rhs.shape[0] > 1
+  plain = (lhs.ndim == 5 and padding == "SAME" and rhs.shape[0] % 2 == 1
+           and rhs.shape[0] > 1
            and dimension_numbers == jax.lax.conv_dimension_numbers(
                lhs.shape, rhs.shape, ("NDHWC", "DHWIO", "NDHWC"))
            and all(s == 1 for s in window_strides)
