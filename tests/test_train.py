@@ -77,6 +77,10 @@ def four_devices(task, cache, tmp_path_factory):
 def run(task, cache, four_devices, tmp_path_factory):
   """Both phases, uninterrupted; restores recorded."""
   out = tmp_path_factory.mktemp("runs") / "run"
+  # Other test modules may have compiled the same network's steps in this
+  # process; start from fresh step functions so compilations can be counted.
+  train.make_train_step.cache_clear()
+  train.make_eval_step.cache_clear()
   with mock.patch.object(checkpoint, "restore",
                          wraps=checkpoint.restore) as restore:
     results = train.train(CONFIG, task, out, cache_dir=cache, progress=False)
