@@ -40,6 +40,7 @@ import numpy as np
 
 from topojax import data
 from topojax import evaluate
+from topojax import metrics
 from topojax import predict
 from topojax import synthetic
 from topojax import train
@@ -164,7 +165,6 @@ def figures(config, dataset, split, out: pathlib.Path, seed_dir: pathlib.Path,
       phase1_probs = probs
     masks[name] = probs > 0.5
   # The test case where the settings disagree most in component count.
-  from topojax import metrics
   spread = [np.ptp([metrics.count_components(m[i]) for m in masks.values()])
             for i in range(len(rows))]
   case = int(np.argmax(spread))
@@ -174,11 +174,10 @@ def figures(config, dataset, split, out: pathlib.Path, seed_dir: pathlib.Path,
                           {n: m[case] for n, m in masks.items()},
                           out / "qualitative.png",
                           title=f"{split.test[case]}, seed {config.seed},")
-  read_log = lambda d: [json.loads(line) for line in
-                        (d / "log.jsonl").read_text().splitlines() if line]
   figs.curves_figure(
-      read_log(seed_dir / "phase1"),
-      {names[d]: read_log(seed_dir / d) for d, _, _ in VARIANTS},
+      train.read_log(seed_dir / "phase1" / "log.jsonl"),
+      {names[d]: train.read_log(seed_dir / d / "log.jsonl")
+       for d, _, _ in VARIANTS},
       out / "curves.png", title=f"seed {config.seed}")
 
 
@@ -236,7 +235,8 @@ def reproduce(*, config_path=DEFAULT_CONFIG, task_dir=None, seeds=None,
              "minutes": minutes, "table": table,
              "per_seed": {str(s): {names[d]: v for d, v in summaries.items()}
                           for s, summaries in per_seed.items()}}
-  (out / "results.json").write_text(json.dumps(_strict(results), indent=1))
+  (out / "results.json").write_text(
+      json.dumps(evaluate.json_ready(results), indent=1, allow_nan=False))
   figures(dataclasses.replace(config, seed=seeds[0]), dataset, split, out,
           out / f"seed{seeds[0]}", names)
   if progress:
@@ -244,17 +244,6 @@ def reproduce(*, config_path=DEFAULT_CONFIG, task_dir=None, seeds=None,
     print(f"written to {out}: table.md, results.json, method.png, "
           "qualitative.png, curves.png")
   return results
-
-
-def _strict(value):
-  """JSON-ready: NaN and infinities become null."""
-  if isinstance(value, dict):
-    return {k: _strict(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_strict(v) for v in value]
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
 
 
 def main(argv=None) -> int:

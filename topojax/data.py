@@ -896,7 +896,7 @@ def _prefetched(items: Iterator) -> Iterator:
 # Writing predictions.
 
 
-def _as_label_map(mask: np.ndarray) -> np.ndarray:
+def as_label_map(mask: np.ndarray) -> np.ndarray:
   """``(X, Y, Z)`` integer labels from a mask, probabilities or one-hot."""
   mask = np.asarray(mask)
   if mask.ndim == 4 and mask.shape[-1] == 1:
@@ -942,7 +942,7 @@ def write_prediction(mask: np.ndarray, meta: CaseMeta,
     raise ValueError(f"path must end in .nii.gz or .nii, got {path}")
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-  labels = _as_label_map(mask)
+  labels = as_label_map(mask)
   if not pathlib.Path(meta.image_path).is_file():
     raise FileNotFoundError(f"original image {meta.image_path} of case "
                             f"{meta.case_id} not found; its header is needed")

@@ -380,11 +380,12 @@ def markdown_table(summaries: Mapping[str, Mapping[int, dict]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _json_ready(value):
+def json_ready(value):
+  """JSON-ready copy: NaN and infinities become null, keys strings."""
   if isinstance(value, dict):
-    return {str(key): _json_ready(item) for key, item in value.items()}
-  if isinstance(value, list):
-    return [_json_ready(item) for item in value]
+    return {str(key): json_ready(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_ready(item) for item in value]
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value
@@ -448,7 +449,7 @@ def write_report(
       writer.writerows({"run": run, **row} for row in rows)
   summaries = {run: summary for run, (_, summary) in results.items()}
   paths["summary.json"].write_text(
-      json.dumps(_json_ready(summaries), indent=2, allow_nan=False) + "\n")
+      json.dumps(json_ready(summaries), indent=2, allow_nan=False) + "\n")
   paths["table.md"].write_text(markdown_table(summaries))
   _plot_cases(results, paths["cases.png"])
   return paths

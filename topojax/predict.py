@@ -142,15 +142,9 @@ def predict_run(run_dir: str | os.PathLike, task_dir: str | os.PathLike,
                   batch_size=config.batch_size)
   out_dir.mkdir(parents=True, exist_ok=True)
   for path, row, prob in zip(paths, rows, probs):
-    mask = _to_label_map(prob)
+    mask = data.as_label_map(prob)
     if keep_largest is not None:
       mask = postprocess.keep_largest_components(mask, n=keep_largest)
     data.write_prediction(mask, dataset.meta[row], path, overwrite=overwrite)
   return paths
 
-
-def _to_label_map(prob: np.ndarray) -> np.ndarray:
-  """``(X, Y, Z)`` uint8 labels from ``(X, Y, Z, C)`` probabilities."""
-  if prob.shape[-1] == 1:
-    return (prob[..., 0] > 0.5).astype(np.uint8)
-  return np.argmax(prob, axis=-1).astype(np.uint8)

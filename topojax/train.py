@@ -450,7 +450,8 @@ def validate(eval_step, model_state, images, labels, indices: Sequence[int],
 # One phase.
 
 
-def _read_log(path: pathlib.Path) -> list[dict[str, Any]]:
+def read_log(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The lines of a phase's ``log.jsonl``; none if it does not exist."""
   if not path.is_file():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -653,7 +654,7 @@ def train_phase(config: TrainConfig, dataset: data.Dataset, split: data.Split,
                           init=init)
   # Epochs logged after the last checkpoint (a crash between the two writes)
   # are trained again.
-  log = [line for line in _read_log(run_dir / "log.jsonl")
+  log = [line for line in read_log(run_dir / "log.jsonl")
          if line["epoch"] <= start]
   if jax.process_index() == 0:
     (run_dir / "log.jsonl").write_text(
