@@ -288,7 +288,30 @@ def test_cli_evaluate(task, capsys):
   status = cli.main(["evaluate", "--pred", str(task / "one"), "--labels",
                      str(task / "labels"), "--out", str(task / "report")])
   assert status == 2
-  assert "error: out_dir: report files exist" in capsys.readouterr().err
+  assert "error: --out" in capsys.readouterr().err
+
+
+def test_cli_never_replaces_a_report_silently(task, capsys):
+  report = task / "report"
+  first = ["evaluate", "--pred", f"first={task / 'one'}", "--labels",
+           str(task / "labels"), "--out", str(report)]
+  assert cli.main(first) == 0
+  before = {p.name: p.read_bytes() for p in report.iterdir()}
+  assert sorted(before) == sorted(evaluate.REPORT_FILES)
+  capsys.readouterr()
+  second = ["evaluate", "--pred", f"second={task / 'two'}", "--labels",
+            str(task / "labels"), "--out", str(report)]
+  assert cli.main(second) == 2
+  captured = capsys.readouterr()
+  # One line naming the options to use, and no evaluation was run.
+  assert captured.err.count("\n") == 1
+  assert "--out" in captured.err and "--overwrite" in captured.err
+  assert "out_dir" not in captured.err
+  assert "second" not in captured.out
+  assert {p.name: p.read_bytes() for p in report.iterdir()} == before
+  assert cli.main(second + ["--overwrite"]) == 0
+  table = (report / "table.md").read_text()
+  assert "| second | 3/3 |" in table and "first" not in table
 
 
 def test_cli_rejects_two_runs_with_one_name(task, capsys):

@@ -1,11 +1,26 @@
-"""A PyTorch reference of the published Projected Pooling Loss, for tests only.
+"""PyTorch references of the published losses, for tests only.
 
-Written for topojax from the semantics in the design notes (§1), not copied:
-channels-first like the published code, ``(N, C, X, Y, Z)`` or ``(N, C, X, Y)``,
-built from ``torch.nn.functional`` max pooling, whose backward sends each
-window's gradient to its first maximum.
+Written for topojax from the published descriptions, not copied; channels-first
+like the published code, ``(N, C, X, Y, Z)`` or ``(N, C, X, Y)``, built from
+``torch.nn.functional`` max pooling, whose backward sends each window's
+gradient to its first maximum:
+
+* the Projected Pooling Loss (Fu et al. 2023), from the design notes (§1);
+* clDice (Shit et al. 2021), after the authors' ``soft_skeleton.py`` (2D and
+  3D) and ``topolosses``' reduction;
+* Hu et al.'s persistent-homology loss (2019) as ``topolosses`` computes it,
+  with the diagrams from cripser and the matching from gudhi.
 """
 
+import importlib
+import importlib.util
+import pathlib
+import sys
+import types
+
+import cripser
+from gudhi import wasserstein
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +55,113 @@ def projected_pooling_loss(pred, target, *, kernel_sizes=(4, 5, 8, 10, 20),
       per_plane.append(term.mean())
     per_kernel.append(torch.stack(per_plane).mean())
   return torch.stack(per_kernel).mean()
+
+
+def _min_pool_along(x, axis):
+  """3-tap min pooling along spatial axis ``axis`` (0-based), stride 1."""
+  spatial = x.dim() - 2
+  kernel = [1] * spatial
+  kernel[axis] = 3
+  padding = [k // 2 for k in kernel]
+  pool = F.max_pool3d if spatial == 3 else F.max_pool2d
+  return -pool(-x, kernel, 1, padding)
+
+
+def soft_erode(x):
+  eroded = _min_pool_along(x, 0)
+  for axis in range(1, x.dim() - 2):
+    eroded = torch.min(eroded, _min_pool_along(x, axis))
+  return eroded
+
+
+def soft_dilate(x):
+  pool = F.max_pool3d if x.dim() == 5 else F.max_pool2d
+  return pool(x, 3, 1, 1)
+
+
+def soft_skeleton(x, iterations):
+  skeleton = F.relu(x - soft_dilate(soft_erode(x)))
+  for _ in range(iterations):
+    x = soft_erode(x)
+    delta = F.relu(x - soft_dilate(soft_erode(x)))
+    skeleton = skeleton + F.relu(delta - skeleton * delta)
+  return skeleton
+
+
+def cldice_loss(pred, target, *, iterations=3, smooth=1e-5, start_channel=0):
+  pred, target = pred[:, start_channel:], target[:, start_channel:]
+  spatial = tuple(range(2, pred.dim()))
+  pred_skeleton = soft_skeleton(pred, iterations)
+  target_skeleton = soft_skeleton(target, iterations)
+  precision = (((pred_skeleton * target).sum(spatial) + smooth)
+               / (pred_skeleton.sum(spatial) + smooth))
+  sensitivity = (((target_skeleton * pred).sum(spatial) + smooth)
+                 / (target_skeleton.sum(spatial) + smooth))
+  return torch.mean(1 - 2 * precision * sensitivity
+                    / (precision + sensitivity))
+
+
+def _finite_diagrams(f):
+  """Per dimension, ``(P, 2)`` birth and death voxel coordinates (finite)."""
+  table = cripser.computePH(f.detach().cpu().numpy().astype(np.float64),
+                            maxdim=f.dim() - 1)
+  table = table[table[:, 2] < 1e300]
+  rank = f.dim()
+  return [(table[table[:, 0] == dim][:, 3:3 + rank].astype(np.int64),
+           table[table[:, 0] == dim][:, 6:6 + rank].astype(np.int64))
+          for dim in range(rank)]
+
+
+def _points(f, births, deaths):
+  """``(P, 2)`` values of ``f`` at the birth and death voxels, differentiable."""
+  return torch.stack([f[tuple(torch.from_numpy(c.T))] for c in
+                      (births, deaths)], dim=1)
+
+
+def hutopo_loss(pred, target, *, start_channel=0):
+  """Superlevel persistence, 2-Wasserstein matching, squared costs."""
+  f_pred = (1 - pred[:, start_channel:]).flatten(0, 1)
+  f_target = (1 - target[:, start_channel:]).flatten(0, 1)
+  per_item = []
+  for fp, ft in zip(f_pred, f_target):
+    total = fp.new_zeros(())
+    for (pb, pd), (tb, td) in zip(_finite_diagrams(fp), _finite_diagrams(ft)):
+      p_points, t_points = _points(fp, pb, pd), _points(ft, tb, td)
+      _, matching = wasserstein.wasserstein_distance(
+          p_points.detach().cpu().numpy(), t_points.detach().cpu().numpy(),
+          matching=True, order=2, internal_p=2, keep_essential_parts=False)
+      matching = np.asarray(matching, np.int64).reshape(-1, 2)
+      for i, j in matching:
+        if i >= 0 and j >= 0:
+          total = total + ((p_points[i] - t_points[j])**2).sum()
+        elif i >= 0:
+          total = total + (p_points[i, 0] - p_points[i, 1])**2 / 2
+        else:
+          total = total + (t_points[j, 0] - t_points[j, 1])**2 / 2
+    per_item.append(total)
+  return torch.stack(per_item).mean()
+
+
+TOPOLOSSES = {
+    "CLDiceLoss": "cldice.src.cldice_loss",
+    "HutopoLoss": "hutopo.src.hutopo_loss",
+    "BettiMatchingLoss": "betti_matching.src.betti_matching_loss",
+}
+
+
+def topolosses_class(name):
+  """A loss class of the ``topolosses`` package, or ``None`` if not installed.
+
+  ``topolosses.losses`` imports all of its losses, one of which needs a
+  torchvision that fails to load beside the CPU build of torch; the losses
+  used here need neither, so their modules are imported without running that
+  package's ``__init__``.
+  """
+  spec = importlib.util.find_spec("topolosses")
+  if spec is None:
+    return None
+  package = types.ModuleType("topolosses.losses")
+  package.__path__ = [str(pathlib.Path(spec.origin).parent / "losses")]
+  sys.modules.setdefault("topolosses.losses", package)
+  module = importlib.import_module(f"topolosses.losses.{TOPOLOSSES[name]}")
+  return getattr(module, name)

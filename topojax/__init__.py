@@ -1,7 +1,8 @@
 """topojax: topology-aware 3D medical image segmentation in JAX/Flax.
 
 Built around the Projected Pooling Loss of Fu et al., SPIE Medical Imaging
-2023. Arrays are channels-last: 3D ``(N, X, Y, Z, C)``, 2D ``(N, X, Y, C)``.
+2023, beside clDice and a persistent-homology loss on the same conventions.
+Arrays are channels-last: 3D ``(N, X, Y, Z, C)``, 2D ``(N, X, Y, C)``.
 
 The public names below are imported on first use (PEP 562), so that the
 NumPy-only parts (data, metrics, evaluation) load without JAX.
@@ -13,9 +14,10 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "topojax.losses": (
-        "DEFAULT_KERNEL_SIZES", "TargetFeatures", "max_pool_2d",
-        "pooled_target_features", "project", "projected_pooling_loss",
-        "topo_dice_loss"),
+        "DEFAULT_KERNEL_SIZES", "TargetFeatures", "cldice_loss", "dice_loss",
+        "hutopo_loss", "max_pool_2d", "pooled_target_features", "project",
+        "projected_pooling_loss", "soft_skeleton", "topo_dice_loss",
+        "with_dice_loss"),
     "topojax.metrics": (
         "betti_numbers", "case_metrics", "connected_component_error_2d",
         "connected_component_error_3d", "dice", "euler_characteristic",
@@ -24,13 +26,14 @@ _PUBLIC = {
     "topojax.data": (
         "PAPER_TASKS", "CaseMeta", "Dataset", "PreprocessConfig", "Split",
         "TaskProtocol", "default_split", "iterate_batches", "load_case",
-        "load_dataset", "make_split", "read_task", "write_prediction"),
+        "load_dataset", "make_split", "preprocess_image", "read_task",
+        "write_prediction"),
     "topojax.synthetic": ("SynthConfig", "generate_task"),
     "topojax.unet": ("UNet", "count_parameters", "probabilities"),
     "topojax.train": (
         "PhaseConfig", "PhaseResult", "TrainConfig", "load_config",
         "train_phase"),
-    "topojax.predict": ("predict_run",),
+    "topojax.predict": ("Segmenter", "predict_images", "predict_run"),
     "topojax.postprocess": ("keep_largest_components",),
     "topojax.evaluate": (
         "evaluate_cases", "evaluate_runs", "markdown_table", "write_report"),

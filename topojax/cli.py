@@ -73,9 +73,18 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+  import pathlib
+
   from topojax import data
   from topojax import evaluate
 
+  if args.out is not None and not args.overwrite:
+    # Here rather than in evaluate_runs, to name the options the user typed.
+    existing = [name for name in evaluate.REPORT_FILES
+                if (pathlib.Path(args.out) / name).exists()]
+    if existing:
+      raise FileExistsError(f"--out {args.out} already holds report files "
+                            f"{existing}; pass --overwrite to replace them")
   pred_dirs = {}
   for spec in args.pred:
     name, equals, folder = spec.partition("=")
@@ -104,10 +113,16 @@ def _train(args: argparse.Namespace) -> int:
 
   import jax
 
-  if args.distributed:
-    # Before anything else touches JAX: it finds the other processes from
-    # the cluster's environment (SLURM, Kubernetes, Cloud TPU, ...).
-    jax.distributed.initialize()
+  processes = _processes(args)
+  if processes is not None or args.distributed:
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+      # The CPU backend needs a collectives library across processes; GPU
+      # and TPU ignore this setting.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Before anything else touches JAX. Without arguments JAX finds the other
+    # processes in the cluster's environment (SLURM, Open MPI, Kubernetes,
+    # Cloud TPU, ...).
+    jax.distributed.initialize(**(processes or {}))
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # Later runs of the same network skip XLA's compilation (seconds to a
     # minute on CPU).
@@ -125,16 +140,49 @@ def _train(args: argparse.Namespace) -> int:
                         init=args.init, phase2_loss=args.phase2_loss,
                         resume=args.resume, overwrite=args.overwrite,
                         cache_dir=args.cache_dir)
-  for phase, result in results.items():
-    print(f"phase {phase}: best epoch {result.best_epoch} of "
-          f"{result.epochs_run} (val Dice {result.best_val_dice:.4f}) in "
-          f"{result.run_dir}")
+  if jax.process_index() == 0:
+    for phase, result in results.items():
+      print(f"phase {phase}: best epoch {result.best_epoch} of "
+            f"{result.epochs_run} (val Dice {result.best_val_dice:.4f}) in "
+            f"{result.run_dir}")
   return 0
+
+
+def _processes(args: argparse.Namespace) -> dict | None:
+  """``jax.distributed.initialize`` arguments from the flags, checked."""
+  given = [args.coordinator, args.num_processes, args.process_id]
+  if all(value is None for value in given):
+    return None
+  if any(value is None for value in given):
+    raise ValueError("--coordinator, --num-processes and --process-id go "
+                     "together: give all three (or none, with --distributed, "
+                     "to let JAX find the cluster)")
+  host, colon, port = args.coordinator.rpartition(":")
+  if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"--coordinator must be HOST:PORT, e.g. 10.0.0.1:1234, "
+                     f"got {args.coordinator!r}")
+  if args.num_processes < 1:
+    raise ValueError(f"--num-processes must be at least 1, got "
+                     f"{args.num_processes}")
+  if not 0 <= args.process_id < args.num_processes:
+    raise ValueError(f"--process-id must be in [0, {args.num_processes}), "
+                     f"got {args.process_id}")
+  return {"coordinator_address": args.coordinator,
+          "num_processes": args.num_processes, "process_id": args.process_id}
 
 
 def _predict(args: argparse.Namespace) -> int:
   from topojax import predict
 
+  if args.images is not None:
+    if args.cache_dir is not None:
+      raise ValueError("--cache-dir is the preprocessing cache of --data; "
+                       "--images reads the files themselves")
+    paths = predict.predict_images(args.run_dir, args.images, args.out,
+                                   keep_largest=args.keep_largest,
+                                   overwrite=args.overwrite)
+    print(f"{len(paths)} predictions written to {args.out}")
+    return 0
   paths = predict.predict_run(args.run_dir, args.data, args.out,
                               keep_largest=args.keep_largest,
                               overwrite=args.overwrite,
@@ -251,9 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--init", metavar="PHASE1_DIR",
                      help="with --phase 2: the finished phase-1 folder to "
                      "fine-tune (default RUN_DIR/phase1)")
-  train.add_argument("--phase2-loss", choices=("topo_dice", "dice"),
-                     help="override the config's phase-2 loss; 'dice' is the "
-                     "paper's Dice 150+150 baseline")
+  train.add_argument("--phase2-loss",
+                     choices=("dice", "ppl", "ppl_norm", "cldice", "hutopo",
+                              "topo_dice"),
+                     help="override the config's phase-2 loss: 'dice' (the "
+                     "paper's Dice 150+150 baseline), or a topological loss "
+                     "+ dice_weight * Dice: 'ppl' (published scale), "
+                     "'ppl_norm' (per pooled cell), 'cldice', 'hutopo' "
+                     "(persistent homology); 'topo_dice' is the older name "
+                     "of 'ppl'")
   train.add_argument("--seed", type=int,
                      help="override the config's training seed (weights and "
                      "batch order; the split keeps split_seed)")
@@ -265,29 +319,51 @@ def build_parser() -> argparse.ArgumentParser:
                      "and start again")
   train.add_argument("--cache-dir", default=None,
                      help="preprocessing cache (default ~/.cache/topojax)")
-  train.add_argument("--distributed", action="store_true",
-                     help="call jax.distributed.initialize() first: one "
-                     "process per host, all with the same arguments")
+  cluster = train.add_argument_group(
+      "several processes",
+      "One process per host (or several on one machine), all with the same "
+      "arguments but --process-id, the same data and a shared RUN_DIR; "
+      "batches are split over every device of every process, process 0 "
+      "writes the run's files and prints.")
+  cluster.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first, "
+                       "letting JAX find the processes in the cluster's "
+                       "environment (SLURM, Open MPI, Cloud TPU, ...)")
+  cluster.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0, where the others "
+                       "connect (e.g. the first host of a SLURM job and a "
+                       "free port)")
+  cluster.add_argument("--num-processes", type=int, metavar="N",
+                       help="how many processes take part")
+  cluster.add_argument("--process-id", type=int, metavar="I",
+                       help="this process's rank, 0 to N-1")
   train.set_defaults(run=_train)
 
   predict = sub.add_parser(
-      "predict", help="segment a run's test cases; NIfTI masks in the "
-      "original image space")
+      "predict", help="segment a run's test cases (--data) or any NIfTI "
+      "images (--images); NIfTI masks in the original image space")
   predict.add_argument("--run", required=True, dest="run_dir",
                        metavar="RUN_DIR",
                        help="run folder (its last finished phase) or a "
                        "phase folder")
-  predict.add_argument("--data", required=True, metavar="TASK_DIR",
-                       help="the MSD task folder the run was trained on")
+  inputs = predict.add_mutually_exclusive_group(required=True)
+  inputs.add_argument("--data", metavar="TASK_DIR",
+                      help="the MSD task folder the run was trained on: "
+                      "segment the test cases of the run's split")
+  inputs.add_argument("--images", nargs="+", metavar="PATH",
+                      help="NIfTI files (.nii, .nii.gz) or folders of them: "
+                      "3D, or 4D with the run's modalities in training order")
   predict.add_argument("--out", required=True, metavar="PRED_DIR",
-                       help="folder for <case_id>.nii.gz")
+                       help="folder for <case_id>.nii.gz (--data) or "
+                       "<name>.nii.gz, name being the image file's (--images)")
   predict.add_argument("--keep-largest", type=int, metavar="N",
                        help="keep the N largest connected components of "
                        "each class")
   predict.add_argument("--overwrite", action="store_true",
                        help="replace predictions already in PRED_DIR")
   predict.add_argument("--cache-dir", default=None,
-                       help="preprocessing cache (default ~/.cache/topojax)")
+                       help="preprocessing cache of --data (default "
+                       "~/.cache/topojax)")
   predict.set_defaults(run=_predict)
 
   return parser

@@ -36,7 +36,8 @@ Public API:
   one case in its original space; image ``(X, Y, Z, M)`` float32, label
   ``(X, Y, Z)`` uint8.
 * ``resize(volume, shape, *, order) -> ndarray``: ``(X, Y, Z)`` to ``shape``.
-* ``preprocess(image, label, config, *, num_labels) -> (image, label)``.
+* ``preprocess(image, label, config, *, num_labels) -> (image, label)``, and
+  ``preprocess_image(image, shape) -> image`` for an image without a label.
 * ``load_dataset(task_dir, config, *, cache_dir=None, progress=True)
   -> Dataset``: every case preprocessed, from the cache when it is valid.
 * ``make_split(case_ids, *, num_val, num_test, seed) -> Split`` and
@@ -181,21 +182,23 @@ class CaseMeta:
   Attributes:
     case_id: the case's name (its image file name without ``.nii.gz``).
     image_path: the original image file; its header is reused on writing.
-    label_path: the original label file.
+    label_path: the original label file; ``None`` for an image without one
+      (a new image to segment).
     original_shape: spatial ``(X, Y, Z)`` of the original image, in voxels.
     affine: ``(4, 4)`` float64 voxel-to-world matrix of the image, in mm.
     spacing: voxel size ``(X, Y, Z)`` in mm, from the image header.
   """
   case_id: str
   image_path: pathlib.Path
-  label_path: pathlib.Path
+  label_path: pathlib.Path | None
   original_shape: tuple[int, int, int]
   affine: np.ndarray
   spacing: tuple[float, float, float]
 
   def to_json(self) -> dict:
     return {"case_id": self.case_id, "image_path": str(self.image_path),
-            "label_path": str(self.label_path),
+            "label_path": (None if self.label_path is None
+                           else str(self.label_path)),
             "original_shape": list(self.original_shape),
             "affine": self.affine.tolist(), "spacing": list(self.spacing)}
 
@@ -203,7 +206,8 @@ class CaseMeta:
   def from_json(cls, item: dict) -> CaseMeta:
     return cls(case_id=item["case_id"],
                image_path=pathlib.Path(item["image_path"]),
-               label_path=pathlib.Path(item["label_path"]),
+               label_path=(None if item["label_path"] is None
+                           else pathlib.Path(item["label_path"])),
                original_shape=tuple(item["original_shape"]),
                affine=np.asarray(item["affine"], dtype=np.float64),
                spacing=tuple(item["spacing"]))
@@ -232,6 +236,11 @@ class Dataset:
   meta: tuple[CaseMeta, ...]
   cache_path: pathlib.Path
   from_cache: bool
+
+  @property
+  def modality_indices(self) -> tuple[int, ...]:
+    """Index in ``task.modalities`` of each image channel, in channel order."""
+    return _modality_indices(self.task, self.config.modalities)
 
   def indices(self, case_ids: Sequence[str]) -> np.ndarray:
     """Row indices of ``case_ids``, e.g. of ``Split.train``, as int64."""
@@ -512,6 +521,22 @@ def _min_max(channel: np.ndarray) -> np.ndarray:
   return (channel - low) * np.float32(1.0 / (high - low))
 
 
+def preprocess_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  """Resizes and normalises an image as ``preprocess`` does, without a label.
+
+  Args:
+    image: ``(X, Y, Z, C)`` float32, as from ``load_case``.
+    shape: ``(X', Y', Z')`` in voxels (``PreprocessConfig.shape``).
+
+  Returns:
+    ``(X', Y', Z', C)`` float32, each channel resized linearly, then min-max
+    normalised to [0, 1].
+  """
+  channels = [_min_max(resize(image[..., c], shape, order=1))
+              for c in range(image.shape[-1])]
+  return np.stack(channels, axis=-1).astype(np.float32, copy=False)
+
+
 def preprocess(image: np.ndarray, label: np.ndarray, config: PreprocessConfig,
                *, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
   """Resizes and normalises one case as in the paper (§3.1).
@@ -527,9 +552,7 @@ def preprocess(image: np.ndarray, label: np.ndarray, config: PreprocessConfig,
     min-max normalised to [0, 1]; label ``(*config.shape, C_out)`` float32 in
     {0, 1}.
   """
-  channels = [_min_max(resize(image[..., c], config.shape, order=1))
-              for c in range(image.shape[-1])]
-  image = np.stack(channels, axis=-1).astype(np.float32, copy=False)
+  image = preprocess_image(image, config.shape)
   label = resize(label, config.shape, order=0)
   if config.label_mode == "binary":
     label = (label > 0)[..., None]

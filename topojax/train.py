@@ -33,16 +33,24 @@ across processes, JAX's persistent compilation cache does the same
 
 Data parallelism: every batch is split along its first axis over all devices
 of a 1D ``jax.sharding.Mesh`` (axis ``"data"``); parameters and optimiser
-state are replicated, and XLA inserts the gradient all-reduce. The same code
-runs on one CPU, one or several GPUs, or a TPU slice. To test several devices
-on one CPU, start Python with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4``. On several hosts,
-call ``jax.distributed.initialize()`` in every process before anything else
-touches JAX (``topojax train --distributed`` does), give every process the same
-command, data and run folder (a shared file system), and each process loads
-the same global batch and feeds its own ``batch_size / process_count`` rows;
-orbax coordinates the checkpoint writes. ``batch_size`` must be a multiple of
-the total device count.
+state are replicated, and XLA inserts the gradient all-reduce. The loss is
+taken per device and averaged (``jax.shard_map``), so a host-side loss such
+as the persistent-homology one runs on every device's own cases. The same
+code runs on one CPU, one or several GPUs, or a TPU slice. To test several
+devices on one CPU, start Python with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
+
+Several processes (one per host, or several on one machine): call
+``jax.distributed.initialize(...)`` in every process before anything else
+touches JAX (``topojax train --coordinator HOST:PORT --num-processes N
+--process-id I`` does, or ``--distributed`` where JAX finds the cluster
+itself), give every process the same command, data and run folder (a shared
+file system). Each process loads the same global batch and feeds its own
+``batch_size / process_count`` rows. Process 0 alone writes the run's files
+(configuration, split, log, curves, summary) and prints; the others wait for
+it where they read one. orbax writes the checkpoints: replicated arrays once,
+its metadata from process 0. ``batch_size`` must be a multiple of the total
+device count.
 """
 
 from __future__ import annotations
@@ -71,10 +79,19 @@ from topojax import losses
 from topojax import metrics
 from topojax import unet
 
-LOSSES = ("dice", "topo_dice")
+# Losses a phase can train with: Dice alone, or a topological loss + λ·Dice.
+LOSSES = ("dice", "ppl", "ppl_norm", "cldice", "hutopo")
+# The name "ppl" had before the family grew; with TrainConfig.normalize it
+# still selects the normalised form.
+_LEGACY_PPL = "topo_dice"
 PHASE_DIRS = {1: "phase1", 2: "phase2"}
-_RUN_FILES = ("config.json", "split.json", "log.jsonl", "curves.png",
-              "summary.json", "checkpoints")
+_RUN_FILES = ("config.json", "split.json", "model.json", "log.jsonl",
+              "curves.png", "summary.json", "checkpoints")
+
+
+def _check_loss_name(name: str, argument: str) -> None:
+  if name not in LOSSES and name != _LEGACY_PPL:
+    raise ValueError(f"{argument} must be one of {LOSSES}, got {name!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,8 +99,14 @@ class PhaseConfig:
   """One training phase.
 
   Attributes:
-    loss: ``"dice"`` (``optax.losses.dice_loss``) or ``"topo_dice"``
-      (``losses.topo_dice_loss``: PPL + λ Dice).
+    loss: ``"dice"`` (``losses.dice_loss``) or a topological loss
+      ``L_topo`` trained as ``L_topo + λ·L_dice``
+      (``losses.with_dice_loss``, λ = ``TrainConfig.dice_weight``):
+      ``"ppl"``, the Projected Pooling Loss at the published scale;
+      ``"ppl_norm"``, the same per pooled cell; ``"cldice"``, clDice;
+      ``"hutopo"``, the persistent-homology loss of Hu et al. The older
+      name ``"topo_dice"`` means ``"ppl"``, or ``"ppl_norm"`` when
+      ``TrainConfig.normalize`` is set.
     epochs: passes over the training cases at most.
     learning_rate: Adam's step size, constant.
     patience: stop after this many epochs without a better validation Dice;
@@ -95,8 +118,7 @@ class PhaseConfig:
   patience: int | None = None
 
   def __post_init__(self):
-    if self.loss not in LOSSES:
-      raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+    _check_loss_name(self.loss, "loss")
     if not isinstance(self.epochs, int) or self.epochs < 1:
       raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
     if not self.learning_rate > 0:
@@ -125,11 +147,11 @@ class TrainConfig:
     depth: U-Net resolution levels.
     norm: ``"batch"``, ``"group"`` or ``"instance"``.
     batch_size: cases per step, a multiple of the device count.
-    dice_weight: λ in ``L_topo + λ L_dice``.
-    normalize: divide each PPL term by its pooled-cell count
-      (``losses.projected_pooling_loss``); False is the published scale.
+    dice_weight: λ in ``L_topo + λ L_dice``, for every topological loss.
+    normalize: makes the loss ``"topo_dice"`` (the older name of ``"ppl"``)
+      the normalised ``"ppl_norm"``; other names ignore it.
     kernel_sizes: PPL pooling kernel sizes, in voxels; also used for the
-      validation topological loss.
+      validation topological loss (the PPL whatever the phase's loss).
     phase1: pre-training.
     phase2: fine-tuning from phase 1's best checkpoint.
     description: free text, e.g. where the values come from.
@@ -149,7 +171,7 @@ class TrainConfig:
   kernel_sizes: tuple[int, ...] = losses.DEFAULT_KERNEL_SIZES
   phase1: PhaseConfig = PhaseConfig(loss="dice", epochs=150,
                                     learning_rate=1e-3)
-  phase2: PhaseConfig = PhaseConfig(loss="topo_dice", epochs=150,
+  phase2: PhaseConfig = PhaseConfig(loss="ppl", epochs=150,
                                     learning_rate=1e-4)
   description: str = ""
 
@@ -268,24 +290,39 @@ def create_model(config: TrainConfig, *, in_channels: int,
                    norm=config.norm, rngs=nnx.Rngs(params=config.seed))
 
 
+def resolve_loss(name: str, *, normalize: bool = False) -> str:
+  """The name in ``LOSSES`` that ``name`` trains with (``"topo_dice"`` is
+  ``"ppl"``, or ``"ppl_norm"`` with ``normalize``)."""
+  _check_loss_name(name, "loss")
+  if name == _LEGACY_PPL:
+    return "ppl_norm" if normalize else "ppl"
+  return name
+
+
 def make_loss(name: str, *, dice_weight: float, kernel_sizes: Sequence[int],
               normalize: bool = False
               ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """``loss(logits, labels) -> scalar`` for ``name`` in ``LOSSES``.
 
-  ``"dice"`` is ``optax.losses.dice_loss`` (sigmoid for one channel, softmax
-  otherwise) averaged over the batch: the same Dice term that
-  ``losses.topo_dice_loss`` adds, times ``dice_weight``, to the PPL with
-  ``kernel_sizes`` (and ``normalize``) for ``"topo_dice"``.
+  ``"dice"`` is ``losses.dice_loss`` (sigmoid for one channel, softmax
+  otherwise, averaged over the batch); every other name is its topological
+  loss of the probabilities plus ``dice_weight`` times that Dice term
+  (``losses.with_dice_loss``). The PPL uses ``kernel_sizes``; ``normalize``
+  only resolves the older name ``"topo_dice"`` (``resolve_loss``).
   """
+  name = resolve_loss(name, normalize=normalize)
   if name == "dice":
-    return lambda logits, labels: jnp.mean(
-        optax.losses.dice_loss(logits, labels))
-  if name == "topo_dice":
-    return lambda logits, labels: losses.topo_dice_loss(
-        logits, labels, dice_weight=dice_weight,
-        kernel_sizes=tuple(kernel_sizes), normalize=normalize)
-  raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+    return losses.dice_loss
+  topology_loss = {
+      "ppl": functools.partial(losses.projected_pooling_loss,
+                               kernel_sizes=tuple(kernel_sizes)),
+      "ppl_norm": functools.partial(losses.projected_pooling_loss,
+                                    kernel_sizes=tuple(kernel_sizes),
+                                    normalize=True),
+      "cldice": losses.cldice_loss,
+      "hutopo": losses.hutopo_loss,
+  }[name]
+  return losses.with_dice_loss(topology_loss, dice_weight=dice_weight)
 
 
 def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -337,9 +374,9 @@ def make_train_step(model_def: nnx.GraphDef, mesh: jax.sharding.Mesh, *,
     mesh: from ``data_mesh``.
     loss: a name in ``LOSSES`` (``make_loss``).
     learning_rate: Adam's step size.
-    dice_weight: λ of ``"topo_dice"``.
-    kernel_sizes: PPL kernel sizes of ``"topo_dice"``.
-    normalize: PPL per pooled cell in ``"topo_dice"``.
+    dice_weight: λ of the topological losses.
+    kernel_sizes: PPL kernel sizes.
+    normalize: resolves ``"topo_dice"`` (``resolve_loss``).
 
   Returns:
     ``step(state, images, labels) -> (state, loss)``: ``state`` as from
@@ -348,8 +385,16 @@ def make_train_step(model_def: nnx.GraphDef, mesh: jax.sharding.Mesh, *,
   """
   replicated = jax.NamedSharding(mesh, jax.P())
   batch = jax.NamedSharding(mesh, jax.P("data"))
-  loss_fn = make_loss(loss, dice_weight=dice_weight, kernel_sizes=kernel_sizes,
-                      normalize=normalize)
+  per_shard_loss = make_loss(loss, dice_weight=dice_weight,
+                             kernel_sizes=kernel_sizes, normalize=normalize)
+  # Each device takes the loss of its own cases and the mean goes round:
+  # every loss here is a mean over cases and the shards are equal, so this is
+  # the batch's loss, and a persistent-homology loss computes its diagrams
+  # on the host of each device instead of gathering the batch on one.
+  loss_fn = jax.shard_map(
+      lambda logits, labels: jax.lax.pmean(per_shard_loss(logits, labels),
+                                           "data"),
+      mesh=mesh, in_specs=(jax.P("data"), jax.P("data")), out_specs=jax.P())
   tx = make_optimizer(learning_rate)
 
   def step(state, images, labels):
@@ -457,11 +502,15 @@ def read_log(path: pathlib.Path) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def _write_json(path: pathlib.Path, value: Any) -> None:
+def _write_text(path: pathlib.Path, text: str) -> None:
   """Writes aside and renames, so a crash never leaves half a file."""
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(value, indent=1))
+  tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+  _write_text(path, json.dumps(value, indent=1))
 
 
 def _run_spec(config: TrainConfig, phase: int, loss: str,
@@ -492,6 +541,16 @@ def _check_init(init: pathlib.Path, config: TrainConfig) -> None:
                      f"model ({changes})")
 
 
+def _wait_for_all_processes(name: str) -> None:
+  """Returns when every process has called it with ``name``.
+
+  In a multi-process run, files are written by process 0 alone; a process
+  that reads one waits here after the write.
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def _open_phase_dir(run_dir: pathlib.Path, spec: dict[str, Any],
                     split: data.Split) -> PhaseResult | None:
   """Writes or checks ``config.json`` and ``split.json`` of a phase folder.
@@ -499,20 +558,22 @@ def _open_phase_dir(run_dir: pathlib.Path, spec: dict[str, Any],
   Returns:
     The ``PhaseResult`` of a finished phase, else ``None``.
   """
-  run_dir.mkdir(parents=True, exist_ok=True)
   spec_path, split_path = run_dir / "config.json", run_dir / "split.json"
-  if spec_path.is_file():
-    if json.loads(spec_path.read_text()) != spec:
-      raise ValueError(f"{run_dir} holds a run with another configuration "
-                       f"(see {spec_path}); resume it with that configuration "
-                       "or use another folder")
-  else:
-    _write_json(spec_path, spec)
-  if split_path.is_file():
-    if data.Split.load(split_path) != split:
-      raise ValueError(f"{split_path} differs from the split given")
-  else:
-    split.save(split_path)
+  # Every process checks what is there, so all raise alike; only the first
+  # writes what is missing (files appear whole: written aside, renamed).
+  if spec_path.is_file() and json.loads(spec_path.read_text()) != spec:
+    raise ValueError(f"{run_dir} holds a run with another configuration "
+                     f"(see {spec_path}); resume it with that configuration "
+                     "or use another folder")
+  if split_path.is_file() and data.Split.load(split_path) != split:
+    raise ValueError(f"{split_path} differs from the split given")
+  if jax.process_index() == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not spec_path.is_file():
+      _write_json(spec_path, spec)
+    if not split_path.is_file():
+      split.save(split_path)
+  _wait_for_all_processes(f"opened {run_dir}")
   summary = run_dir / "summary.json"
   if summary.is_file():
     return PhaseResult(**json.loads(summary.read_text()))
@@ -604,7 +665,8 @@ def train_phase(config: TrainConfig, dataset: data.Dataset, split: data.Split,
       "Dice 150+150" baseline).
     init: a finished phase-1 folder whose best checkpoint gives the initial
       weights; required for phase 2, refused for phase 1.
-    progress: show a progress bar per epoch and a line per epoch.
+    progress: show a progress bar per epoch and a line per epoch (from
+      process 0 only, in a multi-process run).
 
   Returns:
     The ``PhaseResult``, also written to ``run_dir/summary.json``.
@@ -617,10 +679,10 @@ def train_phase(config: TrainConfig, dataset: data.Dataset, split: data.Split,
   """
   if phase not in PHASE_DIRS:
     raise ValueError(f"phase must be 1 or 2, got {phase!r}")
+  progress = progress and jax.process_index() == 0
   phase_config = config.phase1 if phase == 1 else config.phase2
   loss = phase_config.loss if loss is None else loss
-  if loss not in LOSSES:
-    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+  _check_loss_name(loss, "loss")
   if (init is None) != (phase == 1):
     raise ValueError("phase 2 starts from a phase-1 folder (init) and phase 1 "
                      f"from scratch; got phase={phase} and init={init!r}")
@@ -641,6 +703,17 @@ def train_phase(config: TrainConfig, dataset: data.Dataset, split: data.Split,
   run_dir = pathlib.Path(run_dir).absolute()
   finished = _open_phase_dir(run_dir, _run_spec(config, phase, loss, init),
                              split)
+  if jax.process_index() == 0:
+    # What topojax.predict needs to segment new images without the task
+    # folder: the input channels' modalities in order, and the labels.
+    _write_json(run_dir / "model.json", {
+        "in_channels": int(dataset.images.shape[-1]),
+        "out_channels": int(dataset.labels.shape[-1]),
+        "modalities": [dataset.task.modalities[i]
+                       for i in dataset.modality_indices],
+        "modality_indices": list(dataset.modality_indices),
+        "task_modalities": list(dataset.task.modalities),
+        "label_names": list(dataset.task.label_names)})
   if finished is not None:
     return finished
 
@@ -657,8 +730,9 @@ def train_phase(config: TrainConfig, dataset: data.Dataset, split: data.Split,
   log = [line for line in read_log(run_dir / "log.jsonl")
          if line["epoch"] <= start]
   if jax.process_index() == 0:
-    (run_dir / "log.jsonl").write_text(
-        "".join(json.dumps(line) + "\n" for line in log))
+    # Replaced whole, so another process reading it never sees half of it.
+    _write_text(run_dir / "log.jsonl",
+                "".join(json.dumps(line) + "\n" for line in log))
   if progress:
     num_params = sum(p.size for p in jax.tree.leaves(
         nnx.filter_state(state["model"], nnx.Param)))
@@ -720,6 +794,8 @@ def train_phase(config: TrainConfig, dataset: data.Dataset, split: data.Split,
     plot_curves(log, run_dir / "curves.png", best_epoch=best,
                 title=f"{run_dir}: phase {phase}, {loss} loss")
     _write_json(run_dir / "summary.json", dataclasses.asdict(result))
+  # A phase 2 started next reads this phase's summary.json.
+  _wait_for_all_processes(f"finished {run_dir}")
   return result
 
 
@@ -781,12 +857,15 @@ def _prepare_phase_dirs(run_dir: pathlib.Path, phases: Sequence[int], *,
       raise FileExistsError(
           f"{target} is not empty; pass resume=True (--resume) to continue "
           "its run or overwrite=True (--overwrite) to start it again")
+    if jax.process_index() != 0:
+      continue
     for item in _RUN_FILES:
       path = target / item
       if path.is_dir():
         shutil.rmtree(path)
       else:
         path.unlink(missing_ok=True)
+  _wait_for_all_processes(f"prepared {run_dir}")
 
 
 def train(config: TrainConfig, task_dir: str | os.PathLike,
@@ -826,9 +905,8 @@ def train(config: TrainConfig, task_dir: str | os.PathLike,
   phases = tuple(phases)
   if phases not in ((1, 2), (1,), (2,)):
     raise ValueError(f"phases must be (1, 2), (1,) or (2,), got {phases}")
-  if phase2_loss is not None and phase2_loss not in LOSSES:
-    raise ValueError(f"phase2_loss must be one of {LOSSES}, got "
-                     f"{phase2_loss!r}")
+  if phase2_loss is not None:
+    _check_loss_name(phase2_loss, "phase2_loss")
   if phase2_loss is not None and 2 not in phases:
     raise ValueError(f"phase2_loss is for phase 2, not in phases={phases}")
   if init is not None and phases != (2,):

@@ -1,4 +1,5 @@
-"""Tests for topojax/losses.py: parity with PyTorch and the published values."""
+"""Tests for topojax/losses/projected_pooling.py: parity with PyTorch and the
+published values."""
 
 import functools
 
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from topojax import losses
+from topojax.losses import projected_pooling as losses
 
 torch = pytest.importorskip("torch", reason="the parity tests need PyTorch")
 import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -507,9 +508,19 @@ BAD_INPUTS = {
     "kernel larger than 2d plane": (
         dict(pred=(1, 30, 7, 1), target=(1, 30, 7, 1), kernel_sizes=(8,)),
         r"kernel size 8 .*plane \(X×Y = 30×7\)"),
-    "zero kernel": (dict(kernel_sizes=(0, 2)), "kernel_sizes must be positive"),
+    "zero kernel": (dict(kernel_sizes=(0, 2)),
+                    r"kernel_sizes \(0, 2\) must be a positive integer, got 0"),
+    "fractional kernel": (dict(kernel_sizes=(2.5, 4)),
+                          "kernel_sizes .* positive integer, got 2.5"),
+    "boolean kernel": (dict(kernel_sizes=(True,)), "positive integer, got True"),
+    "kernel not a sequence": (dict(kernel_sizes=4), "must be sequences"),
     "negative stride": (dict(kernel_sizes=(2,), strides=(-1,)),
-                        "strides must be positive"),
+                        "strides .* positive integer, got -1"),
+    "fractional stride": (dict(kernel_sizes=(2,), strides=(1.5,)),
+                          "strides .* positive integer, got 1.5"),
+    "empty batch": (dict(pred=(0, 20, 20, 20, 1)), "at least one sample"),
+    "empty axis": (dict(pred=(1, 20, 0, 20, 1)), "empty spatial or channel"),
+    "ragged list": (dict(pred=[[[[0.5]]], [[[0.5], [0.5]]]]), "rectangular"),
     "length mismatch": (dict(kernel_sizes=(2, 3), strides=(2,)),
                         "kernel_sizes and strides must have the same length"),
     "no kernels": (dict(kernel_sizes=()), "at least one kernel"),
@@ -526,13 +537,26 @@ BAD_INPUTS = {
 def test_bad_input_raises_before_tracing(name, loss_fn):
   spec, message = BAD_INPUTS[name]
   spec = dict(spec)
-  pred = np.zeros(spec.pop("pred", (1, 20, 20, 20, 1)),
-                  spec.pop("pred_dtype", np.float32))
-  target = np.zeros(spec.pop("target", pred.shape), np.float32)
+  pred = spec.pop("pred", (1, 20, 20, 20, 1))
+  if isinstance(pred, tuple):
+    pred = np.zeros(pred, spec.pop("pred_dtype", np.float32))
+  target = np.zeros(spec.pop("target", np.shape(pred) if isinstance(
+      pred, np.ndarray) else (1, 20, 20, 20, 1)), np.float32)
   compiled_before = losses._projected_pooling_loss._cache_size()
   with pytest.raises(ValueError, match=message):
     loss_fn(pred, target, **spec)
   assert losses._projected_pooling_loss._cache_size() == compiled_before
+
+
+def test_nested_lists_are_arrays():
+  rng = np.random.default_rng(11)
+  pred = rng.random((1, 6, 7, 5, 1))
+  target = (rng.random(pred.shape) < 0.5).astype(np.float32)
+  kwargs = dict(kernel_sizes=(2, 3))
+  np.testing.assert_allclose(
+      losses.projected_pooling_loss(pred.tolist(), target.tolist(), **kwargs),
+      losses.projected_pooling_loss(pred.astype(np.float32), target,
+                                    **kwargs), rtol=1e-6)
 
 
 # --- The combined loss ---------------------------------------------------------

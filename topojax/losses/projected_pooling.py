@@ -50,7 +50,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from topojax.losses import _checks
+from topojax.losses import dice
 
 DEFAULT_KERNEL_SIZES = (4, 5, 8, 10, 20)
 
@@ -100,23 +102,27 @@ class TargetFeatures:
 
 def _check_config(name, shape, kernel_sizes, strides, start_channel):
   """Validates a shape against the pooling configuration, before tracing."""
-  if len(shape) not in (4, 5):
+  _checks.check_layout(name, shape)
+  try:
+    kernel_sizes = tuple(kernel_sizes)
+    strides = kernel_sizes if strides is None else tuple(strides)
+  except TypeError:
     raise ValueError(
-        f"{name} must be channels-last (N, X, Y, C) or (N, X, Y, Z, C), got "
-        f"rank {len(shape)} with shape {shape}")
-  kernel_sizes = tuple(int(k) for k in kernel_sizes)
-  strides = kernel_sizes if strides is None else tuple(int(s) for s in strides)
+        f"kernel_sizes and strides must be sequences of positive integers, "
+        f"got kernel_sizes={kernel_sizes!r} and strides={strides!r}") from None
   if not kernel_sizes:
     raise ValueError("kernel_sizes must name at least one kernel size")
+  # A float such as 2.5 is refused rather than truncated to a smaller window.
+  kernel_sizes = tuple(_checks.positive_int(k, f"each of kernel_sizes "
+                                            f"{kernel_sizes}")
+                       for k in kernel_sizes)
+  strides = tuple(_checks.positive_int(s, f"each of strides {strides}")
+                  for s in strides)
   if len(strides) != len(kernel_sizes):
     raise ValueError(
         f"kernel_sizes and strides must have the same length, got "
         f"{len(kernel_sizes)} kernel sizes {kernel_sizes} and {len(strides)} "
         f"strides {strides}")
-  if any(k <= 0 for k in kernel_sizes):
-    raise ValueError(f"kernel_sizes must be positive, got {kernel_sizes}")
-  if any(s <= 0 for s in strides):
-    raise ValueError(f"strides must be positive, got {strides}")
 
   spatial = shape[1:-1]
   planes = PLANES if len(spatial) == 3 else {"plane": (0, 1)}
@@ -129,38 +135,29 @@ def _check_config(name, shape, kernel_sizes, strides, start_channel):
           f"kernel size {too_big[0]} in kernel_sizes is larger than the "
           f"{plane} plane ({axes_name} = {'×'.join(map(str, sides))}) of "
           f"input shape {shape}; every kernel must fit in every plane")
-
-  num_channels = shape[-1]
-  if start_channel is None:
-    # A single channel is a sigmoid foreground; with several, channel 0 is the
-    # background of a softmax / one-hot output and carries no topology.
-    start_channel = 0 if num_channels == 1 else 1
-  elif not 0 <= start_channel < num_channels:
-    raise ValueError(
-        f"start_channel must be in [0, {num_channels}) for {num_channels} "
-        f"channels, got {start_channel}")
-  return kernel_sizes, strides, int(start_channel)
+  return kernel_sizes, strides, _checks.start_channel_of(start_channel,
+                                                         shape[-1])
 
 
 def _check_arguments(pred, target, kernel_sizes, strides, start_channel):
-  """Validates everything from shapes and dtypes, before any tracing."""
-  pred_shape = tuple(np.shape(pred))
-  config = _check_config("pred", pred_shape, kernel_sizes, strides,
-                         start_channel)
-  if not isinstance(target, TargetFeatures):
-    target_shape = tuple(np.shape(target))
-    if pred_shape != target_shape:
-      raise ValueError(
-          f"pred and target must have the same shape, got pred {pred_shape} "
-          f"and target {target_shape}")
-  pred_dtype = jnp.result_type(pred)
-  if not jnp.issubdtype(pred_dtype, jnp.floating):
-    raise ValueError(
-        f"pred must be a floating-point array of probabilities, got dtype "
-        f"{pred_dtype}")
+  """Validates everything from shapes and dtypes, before any tracing.
+
+  Returns:
+    ``(pred, target, kernel_sizes, strides, start_channel)``, array-likes
+    made arrays.
+  """
+  pred = _checks.as_array(pred, "pred")
   if isinstance(target, TargetFeatures):
-    _check_features(target, pred_shape, *config)
-  return config
+    config = _check_config("pred", tuple(np.shape(pred)), kernel_sizes,
+                           strides, start_channel)
+    _checks.check_floating(pred)
+    _check_features(target, tuple(np.shape(pred)), *config)
+  else:
+    target = _checks.as_array(target, "target")
+    _checks.check_pair(pred, target)
+    config = _check_config("pred", tuple(np.shape(pred)), kernel_sizes,
+                           strides, start_channel)
+  return (pred, target, *config)
 
 
 def _check_features(features, pred_shape, kernel_sizes, strides,
@@ -416,15 +413,6 @@ def _combine(pred_sums, target_sums, num_cells, normalize):
   return jnp.mean(terms)
 
 
-def _compute_dtype(dtype):
-  # Half precision would round the sums of thousands of cells and the
-  # gradient's accumulation over planes and kernels; the maxima themselves
-  # are exact, so computing in float32 costs one cast and rounds only once.
-  if not jnp.issubdtype(dtype, jnp.floating):
-    return jnp.dtype(jnp.float32)
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def _label_planes(target, start_channel, dtype):
   """Projections of a label, from ``start_channel`` on, cast to ``dtype``.
 
@@ -444,7 +432,7 @@ def _label_planes(target, start_channel, dtype):
                               "normalize"))
 def _projected_pooling_loss(pred, target, *, kernel_sizes, strides,
                             start_channel, normalize):
-  dtype = _compute_dtype(pred.dtype)
+  dtype = _checks.compute_dtype(pred.dtype)
   pred = pred.astype(dtype)
   planes = _project_to_winners(pred) if pred.ndim == 5 else (pred,)
   planes = tuple(plane[..., start_channel:] for plane in planes)
@@ -473,7 +461,7 @@ def _reference_loss(pred, target, *, kernel_sizes=DEFAULT_KERNEL_SIZES,
   Same arguments as :func:`projected_pooling_loss` (a label ``target``, no
   defaults resolved, no validation); kept for tests and benchmarks.
   """
-  dtype = _compute_dtype(pred.dtype)
+  dtype = _checks.compute_dtype(pred.dtype)
   sums = []
   for volume in (pred.astype(dtype), target.astype(dtype)):
     planes = _reference_planes(volume) if volume.ndim == 5 else [volume]
@@ -487,7 +475,7 @@ def _reference_loss(pred, target, *, kernel_sizes=DEFAULT_KERNEL_SIZES,
 @functools.partial(
     jax.jit, static_argnames=("kernel_sizes", "strides", "start_channel"))
 def _pooled_target_sums(target, *, kernel_sizes, strides, start_channel):
-  planes = _label_planes(target, start_channel, _compute_dtype(target.dtype))
+  planes = _label_planes(target, start_channel, _checks.compute_dtype(target.dtype))
   return _pooled_sums(planes, kernel_sizes, strides)
 
 
@@ -518,10 +506,11 @@ def pooled_target_features(
     float32 (float64 for a float64 label).
 
   Raises:
-    ValueError: for a rank other than 4 or 5, bad ``kernel_sizes`` /
-      ``strides``, a kernel larger than a projected plane, or
-      ``start_channel`` outside ``[0, C)``.
+    ValueError: for a rank other than 4 or 5, an empty batch, bad
+      ``kernel_sizes`` / ``strides``, a kernel larger than a projected
+      plane, or ``start_channel`` outside ``[0, C)``.
   """
+  target = _checks.as_array(target, "target")
   shape = tuple(np.shape(target))
   kernel_sizes, strides, start_channel = _check_config(
       "target", shape, kernel_sizes, strides, start_channel)
@@ -592,13 +581,14 @@ def projected_pooling_loss(
     otherwise.
 
   Raises:
-    ValueError: before any tracing, for a rank other than 4 or 5, mismatched
-      shapes, non-floating ``pred``, non-positive or mismatched
-      ``kernel_sizes``/``strides``, a kernel larger than a projected plane,
-      ``start_channel`` outside ``[0, C)``, or target features made for
-      another shape or configuration.
+    ValueError: before any tracing, for a rank other than 4 or 5, an empty
+      batch, mismatched shapes, non-floating ``pred``, ``kernel_sizes`` /
+      ``strides`` that are not positive integers or differ in length, a
+      kernel larger than a projected plane, ``start_channel`` outside
+      ``[0, C)``, or target features made for another shape or
+      configuration.
   """
-  kernel_sizes, strides, start_channel = _check_arguments(
+  pred, target, kernel_sizes, strides, start_channel = _check_arguments(
       pred, target, kernel_sizes, strides, start_channel)
   if not isinstance(target, TargetFeatures):
     target = jnp.asarray(target)
@@ -620,11 +610,11 @@ def topo_dice_loss(
 ) -> jax.Array:
   r"""The paper's fine-tuning loss :math:`L = L_{topo} + \lambda L_{dice}` (§2.2).
 
-  Takes logits. With one channel the probabilities are ``sigmoid(logits)``;
-  with ``C > 1`` channels they are ``softmax(logits)`` over the channel axis.
-  :math:`L_{topo}` is :func:`projected_pooling_loss` of those probabilities;
-  :math:`L_{dice}` is ``optax.losses.dice_loss`` of the logits (which applies
-  the same sigmoid/softmax), averaged over classes and then over the batch.
+  :func:`topojax.losses.with_dice_loss` of :func:`projected_pooling_loss`,
+  with one addition: the label side of :math:`L_{topo}` may be precomputed.
+  Takes logits: the probabilities are ``sigmoid(logits)`` for one channel and
+  ``softmax(logits)`` over the channels otherwise; :math:`L_{dice}` is
+  :func:`topojax.losses.dice_loss` of the logits.
 
   Args:
     logits: network output, channels-last ``(N, X, Y, Z, C)`` or
@@ -643,18 +633,18 @@ def topo_dice_loss(
     A scalar.
   """
   topo_target = target if target_features is None else target_features
-  kernel_sizes, strides, start_channel = _check_arguments(
-      logits, topo_target, kernel_sizes, strides, start_channel)
-  if target_features is not None and np.shape(target) != np.shape(logits):
+  logits, topo_target, kernel_sizes, strides, start_channel = (
+      _check_arguments(logits, topo_target, kernel_sizes, strides,
+                       start_channel))
+  target = _checks.as_array(target, "target")
+  if np.shape(target) != np.shape(logits):
     raise ValueError(
         f"logits and target must have the same shape, got logits "
         f"{np.shape(logits)} and target {np.shape(target)}")
   logits, target = jnp.asarray(logits), jnp.asarray(target)
-  probs = (jax.nn.sigmoid(logits) if logits.shape[-1] == 1
-           else jax.nn.softmax(logits, axis=-1))
   topo = _projected_pooling_loss(
-      probs, target if target_features is None else target_features,
+      dice.probabilities(logits),
+      target if target_features is None else target_features,
       kernel_sizes=kernel_sizes, strides=strides,
       start_channel=start_channel, normalize=bool(normalize))
-  dice = jnp.mean(optax.losses.dice_loss(logits, target.astype(logits.dtype)))
-  return topo + dice_weight * dice
+  return topo + dice_weight * dice.dice_loss(logits, target)

@@ -1,0 +1,189 @@
+"""Tests for topojax/losses/cldice.py: parity with PyTorch and topolosses."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from topojax.losses import cldice
+
+torch = pytest.importorskip("torch", reason="the parity tests need PyTorch")
+import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
+
+CASES = {
+    # name: (channels-last shape, loss keyword arguments)
+    "2d_1ch": ((2, 23, 19, 1), {}),
+    "2d_3ch": ((2, 17, 21, 3), {}),
+    "2d_1_iteration": ((1, 16, 15, 1), dict(iterations=1)),
+    "3d_1ch": ((2, 13, 11, 12, 1), {}),
+    "3d_2ch": ((1, 12, 14, 10, 2), {}),
+    "3d_3ch_from0": ((1, 9, 10, 11, 3), dict(start_channel=0)),
+    "3d_0_iterations": ((1, 10, 9, 8, 1), dict(iterations=0)),
+    "3d_5_iterations_smooth": ((1, 14, 12, 13, 1),
+                               dict(iterations=5, smooth=1.0)),
+}
+
+
+def _case(shape, seed):
+  """Tie-free probabilities and a binary label with some structure."""
+  rng = np.random.default_rng(seed)
+  pred = rng.random(shape)
+  target = (rng.random(shape) < 0.4).astype(np.float64)
+  return pred, target
+
+
+def _default_start(shape, kwargs):
+  return kwargs.get("start_channel", 0 if shape[-1] == 1 else 1)
+
+
+def _torch_value_and_grad(fn, pred, target, dtype=torch.float64, **kwargs):
+  p = torch.tensor(np.moveaxis(pred, -1, 1), dtype=dtype, requires_grad=True)
+  t = torch.tensor(np.moveaxis(target, -1, 1), dtype=dtype)
+  value = fn(p, t, **kwargs)
+  value.backward()
+  return value.item(), np.moveaxis(p.grad.numpy(), 1, -1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_torch_reference_float64(name, backend):
+  shape, kwargs = CASES[name]
+  pred, target = _case(shape, seed=len(name))
+  expected, expected_grad = _torch_value_and_grad(
+      torch_reference.cldice_loss, pred, target,
+      **{**kwargs, "start_channel": _default_start(shape, kwargs)})
+  device = jax.devices(backend)[0]
+  with jax.enable_x64(True):
+    value, grad = jax.value_and_grad(functools.partial(
+        cldice.cldice_loss, **kwargs))(jax.device_put(pred, device),
+                                       jax.device_put(target, device))
+    assert value.dtype == jnp.float64
+  # Same operations in the same order on doubles: only summation order
+  # differs, a few ulps of the sums.
+  np.testing.assert_allclose(float(value), expected, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=0,
+                             atol=1e-12 * np.abs(expected_grad).max())
+  assert np.abs(expected_grad).max() > 0
+
+
+@pytest.mark.parametrize("name", ["2d_1ch", "2d_3ch", "2d_1_iteration"])
+def test_matches_topolosses_float32(name):
+  cldice_class = torch_reference.topolosses_class("CLDiceLoss")
+  if cldice_class is None:
+    pytest.skip("topolosses is not installed (pip install -e '.[test]')")
+  shape, kwargs = CASES[name]
+  pred, target = _case(shape, seed=len(name))
+  pred, target = pred.astype(np.float32), target.astype(np.float32)
+  peer = cldice_class(iter_=kwargs.get("iterations", 3),
+                      use_base_loss=False, alpha=1.0)
+  with pytest.warns(UserWarning) if shape[-1] == 1 else _no_warning():
+    expected, expected_grad = _torch_value_and_grad(
+        peer, pred, target, dtype=torch.float32)
+  value, grad = jax.value_and_grad(functools.partial(
+      cldice.cldice_loss, **kwargs))(pred, target)
+  # float32 on both sides; the sums of a few hundred terms differ in order.
+  np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=0,
+                             atol=1e-5 * np.abs(expected_grad).max())
+
+
+class _no_warning:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def test_skeleton_of_a_one_voxel_line_is_the_line():
+  # Erosion removes a 1-voxel-wide line, so the opening is empty and the
+  # first residue is the line itself.
+  line = np.zeros((1, 12, 12, 9, 1), np.float32)
+  line[0, 2:10, 5, 4, 0] = 1
+  np.testing.assert_array_equal(cldice.soft_skeleton(line), line)
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 24, 1), (1, 20, 20, 20, 1)])
+def test_skeleton_of_a_thick_bar_is_thin_and_inside(shape):
+  bar = np.zeros(shape, np.float32)
+  bar[0, 3:21, 8:13, ...] = 1  # 5 voxels thick across Y.
+  skeleton = np.asarray(cldice.soft_skeleton(bar, iterations=3))
+  assert np.all(skeleton <= bar)
+  assert 0 < skeleton.sum() < 0.5 * bar.sum()
+  # Across the bar's thickness, only the middle layer survives.
+  across = skeleton[0, 12, :, ...].reshape(shape[2], -1).max(axis=1)
+  np.testing.assert_array_equal(np.nonzero(across)[0], [10])
+
+
+def test_skeleton_keeps_dtype_and_stays_in_unit_interval():
+  x = np.random.default_rng(3).random((2, 11, 12, 10, 2)).astype(np.float32)
+  skeleton = cldice.soft_skeleton(jnp.asarray(x, jnp.bfloat16))
+  assert skeleton.dtype == jnp.bfloat16
+  skeleton = np.asarray(cldice.soft_skeleton(x, iterations=6))
+  assert skeleton.min() >= 0 and skeleton.max() <= 1
+
+
+def test_identical_masks_give_zero_and_a_gap_does_not():
+  tube = np.zeros((1, 16, 16, 16, 1), np.float32)
+  tube[0, 2:14, 7:9, 7:9, 0] = 1
+  assert float(cldice.cldice_loss(tube, tube)) == 0
+  broken = tube.copy()
+  broken[0, 7:9] = 0
+  assert float(cldice.cldice_loss(broken, tube)) > 0.05
+
+
+def test_jit_vmap_grad_and_bfloat16():
+  pred, target = _case((2, 10, 11, 12, 1), seed=5)
+  pred = pred.astype(np.float32)
+  value = cldice.cldice_loss(pred, target)
+  np.testing.assert_allclose(jax.jit(cldice.cldice_loss)(pred, target), value,
+                             rtol=1e-6)
+  per_sample = jax.vmap(lambda p, t: cldice.cldice_loss(p[None], t[None]))(
+      pred, target)
+  np.testing.assert_allclose(per_sample.mean(), value, rtol=1e-6)
+  half = cldice.cldice_loss(jnp.asarray(pred, jnp.bfloat16), target)
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(half, value, rtol=2e-2)
+  grad = jax.grad(cldice.cldice_loss)(pred, target)
+  assert grad.shape == pred.shape and np.isfinite(grad).all()
+
+
+def test_nested_lists_are_arrays():
+  pred, target = _case((1, 7, 8, 1), seed=6)
+  np.testing.assert_allclose(
+      cldice.cldice_loss(pred.tolist(), target.tolist()),
+      cldice.cldice_loss(pred.astype(np.float32), target), rtol=1e-6)
+
+
+BAD_INPUTS = {
+    "rank 3": (dict(pred=(4, 16, 1)), "rank 3"),
+    "shape mismatch": (dict(target=(1, 8, 8, 7, 1)), "same shape"),
+    "integer pred": (dict(pred_dtype=np.int32), "pred must be a floating"),
+    "empty batch": (dict(pred=(0, 8, 8, 8, 1)), "at least one sample"),
+    "negative iterations": (dict(iterations=-1), "iterations"),
+    "fractional iterations": (dict(iterations=2.5), "iterations"),
+    "negative smooth": (dict(smooth=-1.0), "smooth"),
+    "nan smooth": (dict(smooth=float("nan")), "smooth"),
+    "start_channel too large": (dict(start_channel=1), "start_channel"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_before_tracing(name):
+  spec, message = BAD_INPUTS[name]
+  spec = dict(spec)
+  pred = np.zeros(spec.pop("pred", (1, 8, 8, 8, 1)),
+                  spec.pop("pred_dtype", np.float32))
+  target = np.zeros(spec.pop("target", pred.shape), np.float32)
+  compiled_before = cldice._cldice_loss._cache_size()
+  with pytest.raises(ValueError, match=message):
+    cldice.cldice_loss(pred, target, **spec)
+  assert cldice._cldice_loss._cache_size() == compiled_before
+
+
+def test_soft_skeleton_bad_input():
+  with pytest.raises(ValueError, match="x must be a floating"):
+    cldice.soft_skeleton(np.zeros((1, 5, 5, 1), np.int32))
+  with pytest.raises(ValueError, match="iterations"):
+    cldice.soft_skeleton(np.zeros((1, 5, 5, 1)), iterations=-2)

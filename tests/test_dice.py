@@ -1,0 +1,83 @@
+"""Tests for topojax/losses/dice.py: the Dice term and L_topo + λ·L_dice."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from topojax import losses
+
+
+def _numpy_dice_loss(probs, target):
+  """Soft Dice loss, 1 − (I + 1)/((ΣP + ΣT)/2 + 1), per sample and class."""
+  axes = tuple(range(1, probs.ndim - 1))
+  inter = (probs * target).sum(axes)
+  coeff = (inter + 1.0) / ((probs.sum(axes) + target.sum(axes)) / 2 + 1.0)
+  return float(np.mean(1.0 - coeff))
+
+
+def _logits_and_target(channels, seed=0):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(2, 12, 10, 11, channels)) * 3
+  if channels == 1:
+    target = (rng.random(logits.shape) < 0.3).astype(np.float64)
+    probs = 1 / (1 + np.exp(-logits))
+  else:
+    target = np.eye(channels)[rng.integers(0, channels, logits.shape[:-1])]
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  return logits, target, probs
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_dice_loss_is_the_soft_dice_of_probabilities(channels):
+  logits, target, probs = _logits_and_target(channels)
+  with jax.enable_x64(True):
+    value = losses.dice_loss(logits, target)
+  np.testing.assert_allclose(float(value), _numpy_dice_loss(probs, target),
+                             rtol=1e-12)
+
+
+TOPOLOGY_LOSSES = {
+    "ppl": functools.partial(losses.projected_pooling_loss,
+                             kernel_sizes=(2, 5)),
+    "ppl_norm": functools.partial(losses.projected_pooling_loss,
+                                  kernel_sizes=(2, 5), normalize=True),
+    "cldice": losses.cldice_loss,
+    "hutopo": losses.hutopo_loss,
+}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", list(TOPOLOGY_LOSSES))
+def test_with_dice_loss_adds_weighted_dice(name, channels):
+  logits, target, probs = _logits_and_target(channels, seed=len(name))
+  topology_loss = TOPOLOGY_LOSSES[name]
+  loss = losses.with_dice_loss(topology_loss, dice_weight=0.25)
+  with jax.enable_x64(True):
+    value, grad = jax.value_and_grad(loss)(logits, target)
+    value, grad = float(value), np.asarray(grad)
+    expected = float(topology_loss(probs, target)
+                     + 0.25 * _numpy_dice_loss(probs, target))
+  np.testing.assert_allclose(value, expected, rtol=1e-10)
+  assert np.isfinite(grad).all() and np.any(grad != 0)
+
+
+def test_topo_dice_loss_is_with_dice_loss_of_ppl():
+  logits, target, _ = _logits_and_target(1, seed=4)
+  logits = logits.astype(np.float32)
+  np.testing.assert_allclose(
+      losses.topo_dice_loss(logits, target, kernel_sizes=(2, 5),
+                            dice_weight=0.5),
+      losses.with_dice_loss(TOPOLOGY_LOSSES["ppl"], dice_weight=0.5)(
+          logits, target), rtol=1e-6)
+
+
+def test_with_dice_loss_bad_arguments():
+  with pytest.raises(ValueError, match="topology_loss must be a loss"):
+    losses.with_dice_loss("cldice")
+  with pytest.raises(ValueError, match="dice_weight must be >= 0"):
+    losses.with_dice_loss(losses.cldice_loss, dice_weight=-1)
+  loss = losses.with_dice_loss(losses.cldice_loss)
+  with pytest.raises(ValueError, match="logits and target must have the same"):
+    loss(np.zeros((1, 8, 8, 8, 1)), np.zeros((1, 8, 8, 7, 1)))
