@@ -1,16 +1,18 @@
-"""Speed of the Projected Pooling Loss against PyTorch and persistent homology.
+"""Speed of the topology losses: topojax's against PyTorch's, cheap and dear.
 
 Times the forward pass and the forward + backward pass (float32, a warm-up,
 then the median of several repeats) of:
 
-* topojax's loss (its fast path), with the label as target and with the
-  target's pooled features computed once beforehand
+* topojax's Projected Pooling Loss (its fast path), with the label as target
+  and with the target's pooled features computed once beforehand
   (``pooled_target_features``), as a training loop would;
-* topojax's reference path (every max a ``reduce_window``);
+* topojax's reference path of it (every max a ``reduce_window``);
 * the PyTorch reference of the tests (``tests/torch_reference.py``);
-* the persistent-homology losses of ``topolosses`` (Betti matching, Hu et
-  al.'s TopoLoss; clDice is 2D-only there), when installed, within a time
-  budget;
+* topojax's clDice, and the tests' PyTorch transcription of the authors'
+  3D soft skeleton (``topolosses``' ``CLDiceLoss`` takes 2D input only);
+* topojax's persistent-homology loss (Hu et al.), and the persistent-homology
+  losses of ``topolosses`` (Betti matching, Hu et al.'s TopoLoss), when
+  installed; these three within a time budget each;
 * a NumPy copy of the prediction's bytes, the memory floor;
 
 for volumes from 32³ to the paper's 160×160×128, batch 1 and 2, on whatever
@@ -40,7 +42,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 
 import numpy as np
 from scipy import ndimage
@@ -59,11 +60,16 @@ QUICK_SIZES, QUICK_BATCHES = ((24, 24, 24),), (1,)
 FAST, FEATURES, REFERENCE, TORCH, FLOOR = (
     "topojax", "topojax, precomputed target", "topojax reference path",
     "PyTorch reference", "NumPy copy (floor)")
-BETTI, HUTOPO = "Betti matching", "Hu et al. TopoLoss"
-PEERS = {BETTI: "betti_matching.src.betti_matching_loss.BettiMatchingLoss",
-         HUTOPO: "hutopo.src.hutopo_loss.HutopoLoss"}
+CLDICE, CLDICE_TORCH = "topojax clDice", "clDice, PyTorch"
+PH, BETTI, HUTOPO = ("topojax PH (Hu et al.)", "Betti matching",
+                     "Hu et al. TopoLoss")
+# topolosses' classes, in tests/torch_reference.TOPOLOSSES.
+PEERS = {BETTI: "BettiMatchingLoss", HUTOPO: "HutopoLoss"}
+# Persistent homology grows faster than the volume: these get a time budget.
+SLOW = (PH, BETTI, HUTOPO)
 # topolosses 0.2.0's CLDiceLoss raises on anything but (N, C, H, W).
-CLDICE_NOTE = "clDice is not timed: topolosses' CLDiceLoss takes 2D input only"
+CLDICE_NOTE = ("\"clDice, PyTorch\" is the tests' transcription of the "
+               "authors' 3D code: topolosses' CLDiceLoss takes 2D input only")
 
 
 def make_inputs(shape, seed=0):
@@ -103,17 +109,20 @@ def _jax_methods(pred, target):
   import jax
 
   from topojax import losses
+  from topojax.losses import projected_pooling
 
   kernel_sizes = losses.DEFAULT_KERNEL_SIZES
   pred, target = jax.device_put(pred), jax.device_put(target)
   features = losses.pooled_target_features(target)
   fast = losses.projected_pooling_loss
   reference = functools.partial(
-      losses._reference_loss, kernel_sizes=kernel_sizes,
+      projected_pooling._reference_loss, kernel_sizes=kernel_sizes,
       strides=kernel_sizes, start_channel=0)
   methods = {}
   for name, loss, label in ((FAST, fast, target), (FEATURES, fast, features),
-                            (REFERENCE, reference, target)):
+                            (REFERENCE, reference, target),
+                            (CLDICE, losses.cldice_loss, target),
+                            (PH, losses.hutopo_loss, target)):
     forward = jax.jit(loss)
     forward_backward = jax.jit(jax.value_and_grad(loss))
     methods[name] = (
@@ -172,26 +181,13 @@ def _fastest_threads(forward, forward_backward, repeats):
   return best
 
 
-def _load_peers():
-  """The topolosses loss classes by name, or a reason they are missing.
-
-  ``topolosses.losses`` imports all its losses, including one that needs
-  torchvision; PyPI's torchvision is built against the CUDA build of torch
-  and fails to load with the CPU build. The losses timed here need neither,
-  so their modules are imported without running that package's __init__.
-  """
-  spec = importlib.util.find_spec("topolosses")
-  if spec is None:
+def _load_peers(torch_reference):
+  """The topolosses loss classes by name, or a reason they are missing."""
+  classes = {name: torch_reference.topolosses_class(cls)
+             for name, cls in PEERS.items()}
+  if None in classes.values():
     return {}, ("topolosses is not installed (pip install torch==2.13.0, then "
-                "pip install --no-deps topolosses==0.2.0 gudhi POT)")
-  package = types.ModuleType("topolosses.losses")
-  package.__path__ = [str(pathlib.Path(spec.origin).parent / "losses")]
-  sys.modules.setdefault("topolosses.losses", package)
-  classes = {}
-  for name, path in PEERS.items():
-    module, cls = path.rsplit(".", 1)
-    classes[name] = getattr(
-        importlib.import_module(f"topolosses.losses.{module}"), cls)
+                "pip install -e '.[bench]')")
   return classes, None
 
 
@@ -220,8 +216,9 @@ def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
   import torch
 
   torch_reference = _load_torch_reference()
-  peer_classes, peers_missing = _load_peers() if peers else ({}, "not run")
-  budgets = {name: _Budget(peer_budget_s) for name in peer_classes}
+  peer_classes, peers_missing = (_load_peers(torch_reference) if peers
+                                 else ({}, "not run"))
+  budgets = {name: _Budget(peer_budget_s) for name in SLOW}
   default_threads = torch.get_num_threads()
   records = []
   for batch in batches:
@@ -233,6 +230,10 @@ def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
       methods[TORCH] = _torch_thunks(functools.partial(
           torch_reference.projected_pooling_loss, start_channel=0),
                                      pred, target)
+      methods[CLDICE_TORCH] = _torch_thunks(functools.partial(
+          torch_reference.cldice_loss, start_channel=0), pred, target)
+      if not peers:
+        del methods[PH]
       copy = np.empty_like(pred)
       methods[FLOOR] = (None, lambda: np.copyto(copy, pred))
       for name, cls in peer_classes.items():
@@ -249,7 +250,7 @@ def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
           log(f"{str(shape):22} {name:30} skipped (time budget)")
           continue
         start = time.perf_counter()
-        if name == TORCH:
+        if name in (TORCH, CLDICE_TORCH):
           record.update(_fastest_threads(forward, forward_backward, n))
           torch.set_num_threads(record["threads"])
         else:
@@ -344,6 +345,17 @@ def summary(records):
       fb(table.get((ball96, BETTI))), fb(table.get((ball96, FAST))))
   out["96_hutopo_over_fast"] = _safe_div(
       fb(table.get((ball96, HUTOPO))), fb(table.get((ball96, FAST))))
+  out["96_ph_over_fast"] = _safe_div(
+      fb(table.get((ball96, PH))), fb(table.get((ball96, FAST))))
+  out["96_cldice_over_fast"] = _safe_div(
+      fb(table.get((ball96, CLDICE))), fb(table.get((ball96, FAST))))
+  out["96_torch_cldice_over_cldice"] = _safe_div(
+      fb(table.get((ball96, CLDICE_TORCH))), fb(table.get((ball96, CLDICE))))
+  # The same loss on the host and in PyTorch, where both ran.
+  out["hutopo_over_ph"] = {
+      str(shape): fb(table[(shape, HUTOPO)]) / fb(table[(shape, PH)])
+      for shape in shapes
+      if fb(table.get((shape, HUTOPO))) and fb(table.get((shape, PH)))}
   per_voxel = [fb(table.get((s, FAST))) / np.prod(s) for s in shapes
                if fb(table.get((s, FAST)))]
   out["fast_per_voxel_spread"] = (max(per_voxel) / min(per_voxel)
@@ -360,8 +372,9 @@ def markdown(records, env):
   table = _lookup(records)
   shapes = sorted({tuple(r["shape"]) for r in records},
                   key=lambda s: (s[0], np.prod(s)))
-  methods = [m for m in (FAST, FEATURES, REFERENCE, TORCH, BETTI, HUTOPO,
-                         FLOOR) if any(r["method"] == m for r in records)]
+  methods = [m for m in (FAST, FEATURES, REFERENCE, TORCH, CLDICE,
+                         CLDICE_TORCH, PH, HUTOPO, BETTI, FLOOR)
+             if any(r["method"] == m for r in records)]
   versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
   lines = [
       SECTION_START, "", "## Loss: forward and forward + backward", "",
@@ -379,9 +392,10 @@ def markdown(records, env):
   if env["peers_missing"]:
     lines += [f"Persistent-homology losses: {env['peers_missing']}.", ""]
   else:
-    lines += [f"Persistent-homology losses: topolosses, topological term "
-              f"only; {CLDICE_NOTE}; \"budget\" marks inputs skipped to "
-              "keep the run short.", ""]
+    lines += [f"Peers from topolosses, topological term only; {CLDICE_NOTE}; "
+              "\"budget\" marks inputs a persistent-homology loss skipped to "
+              "keep the run short. \"PyTorch ÷ topojax\" compares the "
+              "Projected Pooling Loss.", ""]
   for mode, title in (("forward_backward", "Forward + backward"),
                       ("forward", "Forward")):
     cols = [m for m in methods if not (mode == "forward" and m == FLOOR)]
@@ -420,7 +434,16 @@ def markdown(records, env):
       f"{fmt(s['96_betti_over_fast'])} (target ≥ 1000×); Hu et al. ÷ "
       f"topojax = {fmt(s['96_hutopo_over_fast'])}.",
       f"- topojax's time per voxel, slowest ÷ fastest over all inputs: "
-      f"{fmt(s['fast_per_voxel_spread'])} (target ≤ 2×).", "", SECTION_END]
+      f"{fmt(s['fast_per_voxel_spread'])} (target ≤ 2×).", "",
+      "### The other losses (forward + backward)", "",
+      f"- 96³, batch 1, against topojax's PPL: topojax clDice "
+      f"{fmt(s['96_cldice_over_fast'])}, topojax PH "
+      f"{fmt(s['96_ph_over_fast'])} slower; PyTorch clDice ÷ topojax clDice "
+      f"= {fmt(s['96_torch_cldice_over_cldice'])}.",
+      "- The same persistent-homology loss, topolosses' HutopoLoss ÷ "
+      "topojax's: " + (", ".join(f"{shape} {fmt(v)}" for shape, v in
+                                 s["hutopo_over_ph"].items())
+                       or "not measured") + ".", "", SECTION_END]
   return "\n".join(lines) + "\n"
 
 

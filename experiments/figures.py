@@ -8,6 +8,13 @@
 (c) ``curves_figure``: training curves of both phases, phase 2 drawn after
     phase 1 for each variant.
 
+And for the comparison of topology losses (``compare_losses``):
+
+(d) ``projections_figure``: the label and each setting's mask of one test
+    case as maximum projections, where a broken or filled ring shows whole;
+(e) ``topology_time_figure``: each loss's topology errors against its
+    training time, one panel per task.
+
 Volumes are channels-last NumPy arrays ``(X, Y, Z)`` of one case and class.
 """
 
@@ -132,4 +139,64 @@ def curves_figure(phase1: Sequence[Mapping], phase2: Mapping[str, Sequence[Mappi
   dice_ax.legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
   fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def projections_figure(label: np.ndarray, predictions: Mapping[str, np.ndarray],
+                       path: str | os.PathLike, *, title: str = "") -> None:
+  """Maximum projections along Z of the label and each setting's mask.
+
+  Args:
+    label: binary ``(X, Y, Z)``.
+    predictions: setting name → binary ``(X, Y, Z)`` mask, with a subtitle
+      of its own (e.g. its Betti numbers) after a newline in the name.
+    path: PNG to write.
+    title: figure title, e.g. the case id.
+  """
+  panels = {"label": label, **predictions}
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6),
+                           constrained_layout=True)
+  for ax, (name, mask) in zip(axes, panels.items()):
+    _show(ax, (np.asarray(mask) > 0).max(axis=2), name)
+  fig.suptitle(f"{title} maximum over Z".strip(), fontsize=10)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def topology_time_figure(tasks: Mapping[str, Mapping[str, Mapping]],
+                         path: str | os.PathLike) -> None:
+  """Topology errors against phase-2 training time, a point per loss.
+
+  Args:
+    tasks: task name → setting name → ``{"seconds": {"mean", "std"},
+      "betti0_error": {...}, "betti1_error": {...}}``, means and standard
+      deviations over seeds.
+    path: PNG to write.
+  """
+  errors = (("betti0_error", "|Δβ0|, components", "o"),
+            ("betti1_error", "|Δβ1|, tunnels", "s"))
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4),
+                           constrained_layout=True, squeeze=False)
+  for ax, (task, rows) in zip(axes[0], tasks.items()):
+    for i, row in enumerate(rows.values()):
+      for key, _, marker in errors:
+        ax.errorbar(row["seconds"]["mean"], row[key]["mean"],
+                    xerr=row["seconds"]["std"], yerr=row[key]["std"],
+                    fmt=marker, color=f"C{i}", capsize=2, markersize=7,
+                    markerfacecolor=f"C{i}" if marker == "o" else "none")
+    ax.set_xlabel("phase-2 training time, s (steady-state epochs)")
+    ax.set_ylabel("error per test case (mean ± sd over seeds)")
+    ax.set_title(f"task {task!r}", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+  names = list(next(iter(tasks.values())))
+  handles = [plt.Line2D([], [], marker="o", color=f"C{i}", linestyle="",
+                        label=name) for i, name in enumerate(names)]
+  handles += [plt.Line2D([], [], marker=m, color="0.3", linestyle="",
+                         markerfacecolor="0.3" if m == "o" else "none",
+                         label=label) for _, label, m in errors]
+  fig.legend(handles=handles, loc="outside right center", fontsize=8)
+  fig.suptitle("Topology errors against training cost (lower left is "
+               "better)", fontsize=10)
+  fig.savefig(path, dpi=110)
   plt.close(fig)

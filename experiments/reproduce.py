@@ -48,19 +48,20 @@ from topojax import train
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "synthetic.json"
 
-# Phase-2 variants: directory, loss, normalised PPL.
-VARIANTS = (
-    ("dice_ft", "dice", False),
-    ("ppl", "topo_dice", False),
-    ("ppl_norm", "topo_dice", True),
-)
+# Phase-2 variants of the paper's Table 2: setting directory → loss
+# (``topojax.train.LOSSES``).
+VARIANTS = {"dice_ft": "dice", "ppl": "ppl", "ppl_norm": "ppl_norm"}
+# Row names of the settings, before their epochs.
+LABELS = {"phase1": "Dice", "dice_ft": "Dice", "ppl": "PPL",
+          "ppl_norm": "PPL-norm", "cldice": "clDice", "hutopo": "PH (Hu)"}
 
 
-def setting_names(config: train.TrainConfig) -> dict[str, str]:
-  """Row names of Table 2 with this config's epochs, keyed by directory."""
+def setting_names(config: train.TrainConfig,
+                  variants: dict[str, str] = VARIANTS) -> dict[str, str]:
+  """Row names with this config's epochs, keyed by setting directory."""
   e1, e2 = config.phase1.epochs, config.phase2.epochs
-  return {"phase1": f"Dice {e1}", "dice_ft": f"Dice {e1}+{e2}",
-          "ppl": f"PPL {e1}+{e2}", "ppl_norm": f"PPL-norm {e1}+{e2}"}
+  return {"phase1": f"Dice {e1}",
+          **{d: f"{LABELS[d]} {e1}+{e2}" for d in variants}}
 
 
 def quick_config(config: train.TrainConfig) -> train.TrainConfig:
@@ -73,8 +74,12 @@ def quick_config(config: train.TrainConfig) -> train.TrainConfig:
 
 def run_seed(config: train.TrainConfig, dataset: data.Dataset,
              split: data.Split, task_dir: pathlib.Path, out: pathlib.Path, *,
-             cache_dir, progress: bool) -> dict[str, dict]:
+             variants: dict[str, str] = VARIANTS, cache_dir,
+             progress: bool) -> dict[str, dict]:
   """Trains, predicts and evaluates every setting of one seed.
+
+  Phase 1 once, then each of ``variants`` (directory → phase-2 loss) from
+  its best checkpoint, with the same epochs and learning rate.
 
   Returns:
     Setting directory → the binary-class summary of ``evaluate.evaluate_runs``.
@@ -83,10 +88,9 @@ def run_seed(config: train.TrainConfig, dataset: data.Dataset,
   train.train_phase(config, dataset, split, phase1, phase=1,
                     progress=progress)
   runs = {"phase1": phase1}
-  for name, loss, normalize in VARIANTS:
+  for name, loss in variants.items():
     runs[name] = out / name
-    train.train_phase(dataclasses.replace(config, normalize=normalize),
-                      dataset, split, runs[name], phase=2, loss=loss,
+    train.train_phase(config, dataset, split, runs[name], phase=2, loss=loss,
                       init=phase1, progress=progress)
   summaries = {}
   for name, run_dir in runs.items():
@@ -98,6 +102,14 @@ def run_seed(config: train.TrainConfig, dataset: data.Dataset,
         out_dir=run_dir / "report", overwrite=True)
     summaries[name] = results[name][1]
   return summaries
+
+
+def over_seeds(values) -> dict[str, float]:
+  """``{"mean", "std", "seeds"}`` of the finite values among ``values``."""
+  finite = np.array([v for v in values if math.isfinite(v)])
+  return {"mean": float(finite.mean()) if finite.size else math.nan,
+          "std": float(finite.std()) if finite.size else math.nan,
+          "seeds": int(finite.size)}
 
 
 def aggregate(per_seed: dict[int, dict[str, dict]], names: dict[str, str]
@@ -117,21 +129,20 @@ def aggregate(per_seed: dict[int, dict[str, dict]], names: dict[str, str]
         stats = next(iter(summaries[directory].values()))
         values.append(stats["pearson_r"] if key == "pearson_r"
                       else stats["metrics"][key]["mean"])
-      finite = np.array([v for v in values if math.isfinite(v)])
-      row[key] = {"mean": float(finite.mean()) if finite.size else math.nan,
-                  "std": float(finite.std()) if finite.size else math.nan,
-                  "seeds": int(finite.size)}
+      row[key] = over_seeds(values)
     table[name] = row
   return table
 
 
-def markdown(table, *, seeds, header: str) -> str:
-  columns = [title for _, title in evaluate.TABLE_COLUMNS]
-  lines = [header, "", "| Setting | " + " | ".join(columns) + " |",
-           "|---" * (len(columns) + 1) + "|"]
+def markdown(table, *, seeds, header: str,
+             columns=evaluate.TABLE_COLUMNS) -> str:
+  """The table as markdown: one row per setting, ``columns`` its cells."""
+  titles = [title for _, title in columns]
+  lines = [header, "", "| Setting | " + " | ".join(titles) + " |",
+           "|---" * (len(titles) + 1) + "|"]
   for name, row in table.items():
     cells = []
-    for key, _ in evaluate.TABLE_COLUMNS:
+    for key, _ in columns:
       stat = row[key]
       cell = ("n/a" if math.isnan(stat["mean"])
               else f"{stat['mean']:.3f} ± {stat['std']:.3f}")
@@ -177,7 +188,7 @@ def figures(config, dataset, split, out: pathlib.Path, seed_dir: pathlib.Path,
   figs.curves_figure(
       train.read_log(seed_dir / "phase1" / "log.jsonl"),
       {names[d]: train.read_log(seed_dir / d / "log.jsonl")
-       for d, _, _ in VARIANTS},
+       for d in names if d != "phase1"},
       out / "curves.png", title=f"seed {config.seed}")
 
 

@@ -1,11 +1,23 @@
 """Shared test fixtures: JAX backends, the published reference values."""
 
+import atexit
 import json
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 import pytest
+
+# One persistent XLA cache for the session, set before anything compiles:
+# several modules train the same tiny network, and a step compiled in one is
+# then read back in the next (after test_train clears its in-memory caches to
+# count compilations) instead of compiled again.
+_XLA_CACHE = tempfile.mkdtemp(prefix="topojax-test-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"

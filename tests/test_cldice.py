@@ -1,5 +1,6 @@
 """Tests for topojax/losses/cldice.py: parity with PyTorch and topolosses."""
 
+import contextlib
 import functools
 
 import jax
@@ -38,19 +39,11 @@ def _default_start(shape, kwargs):
   return kwargs.get("start_channel", 0 if shape[-1] == 1 else 1)
 
 
-def _torch_value_and_grad(fn, pred, target, dtype=torch.float64, **kwargs):
-  p = torch.tensor(np.moveaxis(pred, -1, 1), dtype=dtype, requires_grad=True)
-  t = torch.tensor(np.moveaxis(target, -1, 1), dtype=dtype)
-  value = fn(p, t, **kwargs)
-  value.backward()
-  return value.item(), np.moveaxis(p.grad.numpy(), 1, -1)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_torch_reference_float64(name, backend):
   shape, kwargs = CASES[name]
   pred, target = _case(shape, seed=len(name))
-  expected, expected_grad = _torch_value_and_grad(
+  expected, expected_grad = torch_reference.value_and_grad(
       torch_reference.cldice_loss, pred, target,
       **{**kwargs, "start_channel": _default_start(shape, kwargs)})
   device = jax.devices(backend)[0]
@@ -77,8 +70,9 @@ def test_matches_topolosses_float32(name):
   pred, target = pred.astype(np.float32), target.astype(np.float32)
   peer = cldice_class(iter_=kwargs.get("iterations", 3),
                       use_base_loss=False, alpha=1.0)
-  with pytest.warns(UserWarning) if shape[-1] == 1 else _no_warning():
-    expected, expected_grad = _torch_value_and_grad(
+  with (pytest.warns(UserWarning) if shape[-1] == 1
+        else contextlib.nullcontext()):
+    expected, expected_grad = torch_reference.value_and_grad(
         peer, pred, target, dtype=torch.float32)
   value, grad = jax.value_and_grad(functools.partial(
       cldice.cldice_loss, **kwargs))(pred, target)
@@ -86,14 +80,6 @@ def test_matches_topolosses_float32(name):
   np.testing.assert_allclose(float(value), expected, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=0,
                              atol=1e-5 * np.abs(expected_grad).max())
-
-
-class _no_warning:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def test_skeleton_of_a_one_voxel_line_is_the_line():

@@ -8,13 +8,8 @@ import pytest
 
 from topojax import losses
 
-
-def _numpy_dice_loss(probs, target):
-  """Soft Dice loss, 1 − (I + 1)/((ΣP + ΣT)/2 + 1), per sample and class."""
-  axes = tuple(range(1, probs.ndim - 1))
-  inter = (probs * target).sum(axes)
-  coeff = (inter + 1.0) / ((probs.sum(axes) + target.sum(axes)) / 2 + 1.0)
-  return float(np.mean(1.0 - coeff))
+torch = pytest.importorskip("torch", reason="the references need PyTorch")
+import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _logits_and_target(channels, seed=0):
@@ -34,8 +29,9 @@ def test_dice_loss_is_the_soft_dice_of_probabilities(channels):
   logits, target, probs = _logits_and_target(channels)
   with jax.enable_x64(True):
     value = losses.dice_loss(logits, target)
-  np.testing.assert_allclose(float(value), _numpy_dice_loss(probs, target),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      float(value), torch_reference.numpy_dice_loss(probs, target),
+      rtol=1e-12)
 
 
 TOPOLOGY_LOSSES = {
@@ -57,8 +53,8 @@ def test_with_dice_loss_adds_weighted_dice(name, channels):
   with jax.enable_x64(True):
     value, grad = jax.value_and_grad(loss)(logits, target)
     value, grad = float(value), np.asarray(grad)
-    expected = float(topology_loss(probs, target)
-                     + 0.25 * _numpy_dice_loss(probs, target))
+    expected = float(topology_loss(probs, target)) + (
+        0.25 * torch_reference.numpy_dice_loss(probs, target))
   np.testing.assert_allclose(value, expected, rtol=1e-10)
   assert np.isfinite(grad).all() and np.any(grad != 0)
 

@@ -1,10 +1,12 @@
-"""Tests for experiments/: the reproduction's quick mode and its figures."""
+"""Tests for experiments/: the reproduction's and the loss comparison's quick
+modes, and their figures."""
 
 import json
 
 import numpy as np
 import pytest
 
+from experiments import compare_losses
 from experiments import figures
 from experiments import reproduce
 from topojax import evaluate
@@ -14,7 +16,7 @@ TINY = train.TrainConfig(
     shape=(16, 16, 16), base_channels=4, depth=2, batch_size=4,
     kernel_sizes=(2, 4),
     phase1=train.PhaseConfig(loss="dice", epochs=5, learning_rate=1e-2),
-    phase2=train.PhaseConfig(loss="topo_dice", epochs=5, learning_rate=1e-3))
+    phase2=train.PhaseConfig(loss="ppl", epochs=5, learning_rate=1e-3))
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +64,9 @@ def test_phase2_variants_differ_only_in_loss(quick_run):
   root, _, _ = quick_run
   specs = {v: json.loads((root / "out" / "seed0" / v / "config.json")
                          .read_text()) for v in ("dice_ft", "ppl", "ppl_norm")}
-  assert specs["dice_ft"]["loss"] == "dice"
-  assert specs["ppl"]["loss"] == specs["ppl_norm"]["loss"] == "topo_dice"
-  assert not specs["ppl"]["config"]["normalize"]
-  assert specs["ppl_norm"]["config"]["normalize"]
+  assert {v: s["loss"] for v, s in specs.items()} == {
+      "dice_ft": "dice", "ppl": "ppl", "ppl_norm": "ppl_norm"}
+  assert len({json.dumps(s["config"]) for s in specs.values()}) == 1
   phase1 = str(root / "out" / "seed0" / "phase1")
   assert {s["init"] for s in specs.values()} == {phase1}
 
@@ -100,3 +101,53 @@ def test_method_figure(tmp_path):
   figures.method_figure(rng.random(label.shape), label, tmp_path / "m.png",
                         kernel_sizes=(4, 8))
   assert (tmp_path / "m.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def quick_comparison(tmp_path_factory):
+  root = tmp_path_factory.mktemp("compare")
+  config = root / "tiny.json"
+  # The reproduction's network and shape: its compiled steps are reused. One
+  # task: the other runs the same code on other data.
+  config.write_text(json.dumps(TINY.to_json()))
+  results = compare_losses.compare(
+      config_path=config, out=root / "out", quick=True, num_cases=8,
+      tasks=("loops",), cache_dir=root / "cache", progress=False)
+  return root, results
+
+
+def test_comparison_quick_mode_writes_every_loss(quick_comparison):
+  root, results = quick_comparison
+  out = root / "out"
+  assert set(results["tasks"]) == {"loops"}
+  names = ["Dice 2", "Dice 2+2", "PPL 2+2", "PPL-norm 2+2", "clDice 2+2",
+           "PH (Hu) 2+2"]
+  text = (out / "table.md").read_text()
+  for task, result in results["tasks"].items():
+    assert f"## Task {task!r}" in text
+    assert list(result["table"]) == names
+    for name in names[1:]:
+      row = result["table"][name]
+      assert row["loss_ms"]["mean"] > 0
+      assert row["seconds_per_epoch"]["mean"] > 0
+      assert 0 <= row["dice"]["mean"] <= 1
+      assert row["betti1_error"]["mean"] >= 0
+    specs = {d: json.loads((out / task / "seed0" / d / "config.json")
+                           .read_text())
+             for d in compare_losses.VARIANTS}
+    assert {d: s["loss"] for d, s in specs.items()} == compare_losses.VARIANTS
+    # Equal terms: one configuration (epochs, learning rate, λ) for all.
+    assert len({json.dumps(s["config"]) for s in specs.values()}) == 1
+  assert "| PH (Hu) 2+2 |" in text
+  for name in ("topology_vs_time.png", "loops_projections.png"):
+    assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["tasks"]["loops"]["synthetic"]["kinds"] == ["ring"]
+
+
+def test_comparison_refuses_unknown_tasks_and_used_folders(quick_comparison):
+  root, _ = quick_comparison
+  with pytest.raises(ValueError, match="--tasks must name some of"):
+    compare_losses.compare(tasks=("spirals",), out=root / "other")
+  with pytest.raises(FileExistsError, match="--resume"):
+    compare_losses.compare(tasks=("loops",), out=root / "out", quick=True)

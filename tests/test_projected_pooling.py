@@ -562,14 +562,6 @@ def test_nested_lists_are_arrays():
 # --- The combined loss ---------------------------------------------------------
 
 
-def _numpy_dice_loss(probs, target):
-  """Soft Dice loss, 1 − (I + 1)/((ΣP + ΣT)/2 + 1), per class, mean."""
-  axes = tuple(range(1, probs.ndim - 1))
-  inter = (probs * target).sum(axes)
-  coeff = (inter + 1.0) / ((probs.sum(axes) + target.sum(axes)) / 2 + 1.0)
-  return float(np.mean(1.0 - coeff))
-
-
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("dice_weight", [1.0, 0.25])
 def test_topo_dice_loss_is_topo_plus_weighted_dice(channels, dice_weight):
@@ -589,7 +581,8 @@ def test_topo_dice_loss_is_topo_plus_weighted_dice(channels, dice_weight):
                                   **kwargs)
     grad = jax.grad(functools.partial(losses.topo_dice_loss, **kwargs))(
         logits, target)
-  expected = topo + dice_weight * _numpy_dice_loss(probs, target)
+  expected = topo + dice_weight * torch_reference.numpy_dice_loss(probs,
+                                                                  target)
   np.testing.assert_allclose(float(value), expected, rtol=1e-10)
   grad = np.asarray(grad)
   assert np.all(np.isfinite(grad)) and np.any(grad != 0)

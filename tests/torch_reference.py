@@ -165,3 +165,20 @@ def topolosses_class(name):
   sys.modules.setdefault("topolosses.losses", package)
   module = importlib.import_module(f"topolosses.losses.{TOPOLOSSES[name]}")
   return getattr(module, name)
+
+
+def value_and_grad(loss, pred, target, *, dtype=torch.float64, **kwargs):
+  """A torch loss's value and gradient, channels-last NumPy in and out."""
+  p = torch.tensor(np.moveaxis(pred, -1, 1), dtype=dtype, requires_grad=True)
+  t = torch.tensor(np.moveaxis(target, -1, 1), dtype=dtype)
+  value = loss(p, t, **kwargs)
+  value.backward()
+  return value.item(), np.moveaxis(p.grad.numpy(), 1, -1)
+
+
+def numpy_dice_loss(probs, target):
+  """Soft Dice loss, 1 − (I + 1)/((ΣP + ΣT)/2 + 1), per sample and class."""
+  axes = tuple(range(1, probs.ndim - 1))
+  inter = (probs * target).sum(axes)
+  coeff = (inter + 1.0) / ((probs.sum(axes) + target.sum(axes)) / 2 + 1.0)
+  return float(np.mean(1.0 - coeff))

@@ -74,6 +74,14 @@ def _read_config(phase: pathlib.Path) -> train.TrainConfig:
       **json.loads((phase / "config.json").read_text())["config"])
 
 
+def _best_epoch(manager: checkpoint.ReadOnlyCheckpoints) -> int:
+  best = manager.best_step()
+  if best is None:
+    raise FileNotFoundError(f"{manager.directory}: no finished epoch to "
+                            "restore")
+  return best
+
+
 def _restore(phase: pathlib.Path, config: train.TrainConfig, *,
              in_channels: int, out_channels: int,
              sharding: jax.sharding.Sharding):
@@ -90,11 +98,8 @@ def _restore(phase: pathlib.Path, config: train.TrainConfig, *,
                                         sharding=sharding), template)
   with checkpoint.open_manager(phase / "checkpoints",
                                read_only=True) as manager:
-    best = manager.best_step()
-    if best is None:
-      raise FileNotFoundError(f"{manager.directory}: no finished epoch to "
-                              "restore")
-    restored = checkpoint.restore(manager, best, model=template)
+    restored = checkpoint.restore(manager, _best_epoch(manager),
+                                  model=template)
   return model_def, restored["model"]
 
 
@@ -178,12 +183,8 @@ def _model_io(phase: pathlib.Path) -> dict[str, Any]:
   # A run from before model.json: the arrays' shapes tell the channel counts.
   with checkpoint.open_manager(phase / "checkpoints",
                                read_only=True) as manager:
-    best = manager.best_step()
-    if best is None:
-      raise FileNotFoundError(f"{manager.directory}: no finished epoch to "
-                              "restore")
     leaves = jax.tree_util.tree_flatten_with_path(
-        manager.model_metadata(best))[0]
+        manager.model_metadata(_best_epoch(manager)))[0]
   shapes = {tuple(str(getattr(k, "key", getattr(k, "idx", k)))
                   for k in key_path): leaf.shape
             for key_path, leaf in leaves}

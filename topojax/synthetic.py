@@ -4,9 +4,10 @@ The default task runs anywhere: small volumes that a 3D U-Net trains on in
 minutes on a CPU, yet hard in the way the paper cares about (Fu et al., SPIE
 Medical Imaging 2023, §1). Each case holds
 
-* ``num_objects`` labelled objects (smooth star-shaped blobs, ellipsoids or
-  tori, at random orientations), separate from each other, so the label has
-  exactly that many 26-connected components (a torus also has one tunnel);
+* ``num_objects`` labelled objects (smooth star-shaped blobs, ellipsoids,
+  tori, or rings: thin tori with a narrow neck), at random orientations,
+  separate from each other, so the label has exactly that many 26-connected
+  components, and one tunnel per torus or ring;
 * ``num_distractors`` unlabelled bright spheres a little smaller and dimmer
   than the objects: locally they look like object, so a network trained with
   Dice alone tends to keep bits of them as small spurious components;
@@ -17,6 +18,10 @@ Sizes are fractions of the smallest side of the volume, so a task at another
 ``shape`` looks the same, only finer. Case ``i`` is drawn from its own
 generator seeded by ``(seed, i)``: the same config gives the same files, and
 more cases only add files.
+
+Two tasks are built in (``TASKS``): ``"components"``, the default, where
+the difficulty is spurious components, and ``"loops"``, rings whose narrow
+neck a network readily breaks (a lost tunnel) and whose hole it may fill.
 
 ``generate_task(out_dir, config)`` writes ``dataset.json``, ``imagesTr/``
 (float32) and ``labelsTr/`` (uint8, label 1 = object) with an anisotropic,
@@ -38,7 +43,9 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 import tqdm
 
-KINDS = ("blob", "ellipsoid", "torus")
+from topojax import metrics
+
+KINDS = ("blob", "ellipsoid", "torus", "ring")
 
 # Object sizes as fractions of the smallest side of the volume. At 32³ an
 # ellipsoid's semi-axes span 4-8 voxels, a distractor's radius 2-3 voxels.
@@ -47,6 +54,12 @@ _BLOB_RADIUS = (0.14, 0.22)
 _BLOB_WOBBLE = 0.3  # Largest relative change of the blob radius.
 _TORUS_MAJOR = (0.17, 0.24)
 _TORUS_MINOR = (0.06, 0.09)
+# A ring's tube narrows from _RING_MINOR to _RING_NECK over about
+# _RING_NECK_WIDTH radians: at 32³ from 2.2-2.9 voxels to about 1.
+_RING_MAJOR = (0.2, 0.26)
+_RING_MINOR = (0.07, 0.09)
+_RING_NECK = 0.035
+_RING_NECK_WIDTH = 0.5
 _DISTRACTOR_RADIUS = (0.06, 0.1)
 _BACKGROUND = 0.2
 _BLUR_SIGMA = 0.7  # Partial-volume blur, in voxels.
@@ -117,6 +130,19 @@ class SynthConfig:
       raise ValueError(f"seed must be non-negative, got {self.seed}")
 
 
+# The built-in tasks, at the default 32³ (pass another shape with
+# dataclasses.replace):
+# * components: one ellipsoid among 2-4 bright unlabelled distractors; a Dice
+#   network keeps bits of them, spurious components (|Δβ0|);
+# * loops: a ring with a narrow neck, fainter than the rest of the tube once
+#   blurred, and at most one distractor; a Dice network breaks the neck,
+#   losing the tunnel (|Δβ1|), or fills the hole.
+TASKS = {
+    "components": SynthConfig(),
+    "loops": SynthConfig(kinds=("ring",), num_distractors=(0, 1)),
+}
+
+
 def affine(config: SynthConfig) -> np.ndarray:
   """The ``(4, 4)`` voxel-to-world matrix of every case, in mm.
 
@@ -152,6 +178,20 @@ def _draw_shape(kind: str, rng: np.random.Generator, size: float):
     minor = rng.uniform(*_TORUS_MINOR) * size
     return (lambda u: (np.hypot(u[0], u[1]) - major) ** 2 + u[2] ** 2
             <= minor ** 2, major + minor)
+  if kind == "ring":
+    major = rng.uniform(*_RING_MAJOR) * size
+    minor = rng.uniform(*_RING_MINOR) * size
+    neck = _RING_NECK * size
+    where = rng.uniform(-math.pi, math.pi)
+
+    def inside(u):
+      # Angle from the neck, wrapped to [-pi, pi).
+      angle = (np.arctan2(u[1], u[0]) - where + math.pi) % (2 * math.pi)
+      narrowing = np.exp(-0.5 * ((angle - math.pi) / _RING_NECK_WIDTH) ** 2)
+      tube = minor - (minor - neck) * narrowing
+      return (np.hypot(u[0], u[1]) - major) ** 2 + u[2] ** 2 <= tube ** 2
+
+    return inside, major + minor
   # Star-shaped blob: the radius varies smoothly with direction and stays
   # positive, so the blob is one component without holes.
   radius = rng.uniform(*_BLOB_RADIUS) * size
@@ -229,7 +269,7 @@ def make_case(config: SynthConfig, index: int
   Returns:
     ``(image, label, num_objects)``: image ``config.shape`` float32, label
     ``config.shape`` uint8 in {0, 1} with exactly ``num_objects``
-    26-connected components.
+    26-connected components and one tunnel per torus or ring.
   """
   rng = np.random.default_rng((config.seed, index))
   shape, size = config.shape, min(config.shape)
@@ -242,15 +282,19 @@ def make_case(config: SynthConfig, index: int
   # num_objects components is what makes the topology known.
   for _ in range(_ATTEMPTS):
     label = np.zeros(shape, dtype=bool)
+    loops = 0
     for _ in range(num_objects):
       kind = config.kinds[rng.integers(len(config.kinds))]
+      loops += kind in ("torus", "ring")
       inside, radius = _draw_shape(kind, rng, size)
       mask = _place(rng, grid, inside, radius, _surroundings(label))
       if mask is None:
         break
       label |= mask
     else:
-      if ndimage.label(label, structure=_FULL)[1] == num_objects:
+      # A neck digitised too thin would cut a ring: the tunnels are checked
+      # as well as the components.
+      if metrics.betti_numbers(label)[:2] == (num_objects, loops):
         break
   else:
     raise ValueError(f"could not fit {num_objects} separate objects of kinds "

@@ -283,11 +283,14 @@ class PhaseResult:
 
 
 def create_model(config: TrainConfig, *, in_channels: int,
-                 out_channels: int) -> unet.UNet:
-  """The U-Net of ``config``, initialised from ``config.seed``."""
+                 out_channels: int, seed: int | jax.Array | None = None
+                 ) -> unet.UNet:
+  """The U-Net of ``config``, initialised from ``seed`` (an int or a key;
+  ``config.seed`` by default)."""
   return unet.UNet(in_channels=in_channels, out_channels=out_channels,
                    base_channels=config.base_channels, depth=config.depth,
-                   norm=config.norm, rngs=nnx.Rngs(params=config.seed))
+                   norm=config.norm, rngs=nnx.Rngs(
+                       params=config.seed if seed is None else seed))
 
 
 def resolve_loss(name: str, *, normalize: bool = False) -> str:
@@ -343,22 +346,34 @@ def init_state(config: TrainConfig, *, in_channels: int, out_channels: int,
     ``(model_def, state)``: the model's ``nnx.GraphDef`` and the training
     state ``{"model": nnx.State, "opt_state": optax state}``.
   """
-  def init():
+  model_def = nnx.graphdef(nnx.eval_shape(lambda: create_model(
+      config, in_channels=in_channels, out_channels=out_channels)))
+  init = _initializer(dataclasses.replace(config, seed=0),
+                      in_channels=in_channels, out_channels=out_channels,
+                      learning_rate=learning_rate, mesh=mesh)
+  return model_def, init(config.seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(config: TrainConfig, *, in_channels: int, out_channels: int,
+                 learning_rate: float, mesh: jax.sharding.Mesh):
+  """``init(seed) -> state``, compiled once per network (not per seed).
+
+  Unoptimised: XLA's CPU backend spends seconds optimising random-number
+  code that runs once (tiny test network, 2 cores: 22 s eagerly, 14 s
+  compiled with the default optimisation, 2 s without).
+  """
+  def init(seed):
+    # The key nnx.Rngs makes of an int seed, made of a traced one.
     model = create_model(config, in_channels=in_channels,
-                         out_channels=out_channels)
+                         out_channels=out_channels,
+                         seed=jax.random.key(seed))
     params = nnx.state(model, nnx.Param)
     return {"model": nnx.state(model),
             "opt_state": make_optimizer(learning_rate).init(params)}
 
-  model_def = nnx.graphdef(nnx.eval_shape(lambda: create_model(
-      config, in_channels=in_channels, out_channels=out_channels)))
-  # One compiled function instead of one per initialiser, and unoptimised:
-  # XLA's CPU backend spends seconds optimising random-number code that runs
-  # once (tiny test network, 2 cores: 22 s eagerly, 14 s compiled with the
-  # default optimisation, 2 s without).
-  state = jax.jit(init, out_shardings=jax.NamedSharding(mesh, jax.P()),
-                  compiler_options={"xla_backend_optimization_level": 0})()
-  return model_def, state
+  return jax.jit(init, out_shardings=jax.NamedSharding(mesh, jax.P()),
+                 compiler_options={"xla_backend_optimization_level": 0})
 
 
 # The step factories are cached: phases of the same network, loss and

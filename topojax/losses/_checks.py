@@ -48,14 +48,19 @@ def check_layout(name: str, shape: tuple[int, ...]) -> None:
                      f"{shape}")
 
 
+def check_same_shape(first, second, names: tuple[str, str]) -> None:
+  """Raises unless ``first`` and ``second`` have one shape; ``names`` say
+  which arguments they are."""
+  if np.shape(first) != np.shape(second):
+    raise ValueError(
+        f"{names[0]} and {names[1]} must have the same shape, got "
+        f"{names[0]} {np.shape(first)} and {names[1]} {np.shape(second)}")
+
+
 def check_pair(pred, target) -> None:
   """``pred`` floating and of ``target``'s shape; both laid out as losses expect."""
-  pred_shape, target_shape = tuple(np.shape(pred)), tuple(np.shape(target))
-  check_layout("pred", pred_shape)
-  if pred_shape != target_shape:
-    raise ValueError(
-        f"pred and target must have the same shape, got pred {pred_shape} "
-        f"and target {target_shape}")
+  check_layout("pred", tuple(np.shape(pred)))
+  check_same_shape(pred, target, ("pred", "target"))
   check_floating(pred)
 
 

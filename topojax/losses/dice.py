@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from topojax.losses import _checks
@@ -86,10 +85,7 @@ def with_dice_loss(
   def loss(logits, target):
     logits = _checks.as_array(logits, "logits")
     target = _checks.as_array(target, "target")
-    if np.shape(logits) != np.shape(target):
-      raise ValueError(
-          f"logits and target must have the same shape, got logits "
-          f"{np.shape(logits)} and target {np.shape(target)}")
+    _checks.check_same_shape(logits, target, ("logits", "target"))
     logits, target = jnp.asarray(logits), jnp.asarray(target)
     return (topology_loss(probabilities(logits), target)
             + dice_weight * dice_loss(logits, target))

@@ -637,10 +637,7 @@ def topo_dice_loss(
       _check_arguments(logits, topo_target, kernel_sizes, strides,
                        start_channel))
   target = _checks.as_array(target, "target")
-  if np.shape(target) != np.shape(logits):
-    raise ValueError(
-        f"logits and target must have the same shape, got logits "
-        f"{np.shape(logits)} and target {np.shape(target)}")
+  _checks.check_same_shape(logits, target, ("logits", "target"))
   logits, target = jnp.asarray(logits), jnp.asarray(target)
   topo = _projected_pooling_loss(
       dice.probabilities(logits),
