@@ -6,7 +6,7 @@
 
 On each built-in synthetic task (``topojax.synthetic.TASKS``: "components",
 an ellipsoid among bright unlabelled blobs, where Dice keeps spurious
-components; "loops", a ring with a narrow neck, which Dice breaks), 48 cases
+components; "loops", a ring with a narrow neck, which Dice breaks), 60 cases
 each, and for each seed, phase 1 pre-trains the U-Net of
 ``configs/compare_losses.json`` with Dice; from its best checkpoint, phase 2
 fine-tunes five ways with the same epochs and learning rate: Dice alone, the
@@ -54,7 +54,7 @@ from topojax import train
 DEFAULT_CONFIG = reproduce.ROOT / "configs" / "compare_losses.json"
 DEFAULT_OUT = reproduce.ROOT / "out" / "compare_losses"
 TASKS = ("components", "loops")
-NUM_CASES = 48
+NUM_CASES = 60
 # Phase-2 settings: directory → loss (topojax.train.LOSSES).
 VARIANTS = {"dice_ft": "dice", "ppl": "ppl", "ppl_norm": "ppl_norm",
             "cldice": "cldice", "hutopo": "hutopo"}

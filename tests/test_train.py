@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -606,3 +607,22 @@ def test_cli_refuses_a_used_run_dir(task, tmp_path, capsys, monkeypatch):
                    "--out", str(tmp_path / "run")])
   assert code == 2
   assert "is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "127.0.0.1:1234"], "go together"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id",
+      "0"], "must be HOST:PORT"),
+    (["--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"],
+     "--num-processes must be at least 1"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     r"--process-id must be in \[0, 2\)"),
+])
+def test_cli_checks_the_process_flags_before_starting(tmp_path, capsys, flags,
+                                                      message):
+  code = cli.main(["train", "--config", str(tmp_path / "none.json"),
+                   "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                   *flags])
+  err = capsys.readouterr().err
+  assert code == 2 and re.search(message, err), err
+  assert not (tmp_path / "run").exists()

@@ -16,6 +16,8 @@ each with:
 * ``config.json``: the configuration, phase, loss and initial checkpoint;
 * ``split.json``: the train/validation/test case ids (phase 2 copies phase
   1's, so both phases and later evaluation see the same test cases);
+* ``model.json``: the network's input channels (modality names, in order)
+  and output channels (the task's labels), for ``topojax.predict``;
 * ``checkpoints/``: the latest and the best epoch (``topojax.checkpoint``);
 * ``log.jsonl``: one line per epoch: train loss, validation Dice, validation
   topological loss, learning rate, time, throughput;
