@@ -166,3 +166,16 @@ def test_cli_synth_and_preview(tmp_path, capsys):
   assert cli.main(argv) == 2
   assert "not empty" in capsys.readouterr().err
   assert cli.main(argv + ["--overwrite"]) == 0
+
+
+def test_cli_synth_makes_rings(tmp_path):
+  # The "loops" task of experiments/compare_losses.py, from the command line.
+  out = tmp_path / "task"
+  assert cli.main(["synth", str(out), "--num-cases", "1", "--kinds", "ring",
+                   "--num-distractors", "0", "0"]) == 0
+  assert json.loads((out / "dataset.json").read_text())["synthetic"][
+      "kinds"] == ["ring"]
+  label = nib.load(out / "labelsTr" / "synth_000.nii.gz").get_fdata() > 0
+  # One solid ring: one component, one tunnel, Euler characteristic 0.
+  assert ndimage.label(label, np.ones((3, 3, 3)))[1] == 1
+  assert measure.euler_number(label, connectivity=3) == 0

@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="volume shape in voxels (default 32 32 32)")
   synth.add_argument("--num-cases", type=int, help="default 60")
   synth.add_argument("--kinds", nargs="+",
-                     choices=("blob", "ellipsoid", "torus"),
-                     help="labelled object shapes (default ellipsoid)")
+                     choices=("blob", "ellipsoid", "torus", "ring"),
+                     help="labelled object shapes (default ellipsoid); a ring "
+                     "is a thin torus with a narrow neck")
   synth.add_argument("--num-objects", type=int, nargs=2,
                      metavar=("MIN", "MAX"),
                      help="labelled objects per case (default 1 1)")
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
   synth.add_argument("--distractor-intensity", type=float, nargs=2,
                      metavar=("MIN", "MAX"),
                      help="distractor intensity, objects being 1 (default "
-                     "0.6 0.95)")
+                     "0.8 1)")
   synth.add_argument("--noise", type=float,
                      help="noise standard deviation (default 0.35)")
   synth.add_argument("--bias", type=float,

@@ -227,10 +227,11 @@ def hutopo_loss(
   Cost: the diagrams and the matching run on the host, one sample and
   channel after another, and grow faster than the volume, with the number
   of critical points of the prediction: measured on this project's 2-core
-  CPU (``python -m benchmarks.loss``), forward + backward of one blurred,
-  noisy prediction takes about 24 ms at 32³, 0.5 s at 64³ and 2 s at 96³,
-  against well under 10 ms for the projected pooling loss; the
-  white-noise prediction of an untrained network is slower still.
+  CPU (``python -m benchmarks.loss``, ``benchmarks/RESULTS.md``), forward
+  + backward of one blurred, noisy prediction took 51 ms at 32³, 0.58 s at
+  64³, 2.0 s at 96³ and 6.2 s at 128³ (the projected pooling loss: 0.7,
+  2.8, 4.2 and 10.5 ms); a batch costs its samples' sum. The white-noise
+  prediction of an untrained network is slower still.
 
   Args:
     pred: probabilities in [0, 1], channels-last ``(N, X, Y, Z, C)`` or
