@@ -11,7 +11,8 @@ import pytest
 from topojax.losses import cldice
 
 torch = pytest.importorskip("torch", reason="the parity tests need PyTorch")
-import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
+import loss_inputs  # noqa: E402  (tests/ is on sys.path under pytest)
+import torch_reference  # noqa: E402
 
 CASES = {
     # name: (channels-last shape, loss keyword arguments)
@@ -158,14 +159,8 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_raises_before_tracing(name):
   spec, message = BAD_INPUTS[name]
-  spec = dict(spec)
-  pred = np.zeros(spec.pop("pred", (1, 8, 8, 8, 1)),
-                  spec.pop("pred_dtype", np.float32))
-  target = np.zeros(spec.pop("target", pred.shape), np.float32)
-  compiled_before = cldice._cldice_loss._cache_size()
-  with pytest.raises(ValueError, match=message):
-    cldice.cldice_loss(pred, target, **spec)
-  assert cldice._cldice_loss._cache_size() == compiled_before
+  loss_inputs.assert_refused_before_tracing(cldice.cldice_loss, cldice._cldice_loss, spec,
+                                            message)
 
 
 def test_soft_skeleton_bad_input():

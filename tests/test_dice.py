@@ -9,19 +9,12 @@ import pytest
 from topojax import losses
 
 torch = pytest.importorskip("torch", reason="the references need PyTorch")
-import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
+import loss_inputs  # noqa: E402  (tests/ is on sys.path under pytest)
+import torch_reference  # noqa: E402
 
 
 def _logits_and_target(channels, seed=0):
-  rng = np.random.default_rng(seed)
-  logits = rng.normal(size=(2, 12, 10, 11, channels)) * 3
-  if channels == 1:
-    target = (rng.random(logits.shape) < 0.3).astype(np.float64)
-    probs = 1 / (1 + np.exp(-logits))
-  else:
-    target = np.eye(channels)[rng.integers(0, channels, logits.shape[:-1])]
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  return logits, target, probs
+  return loss_inputs.logits_and_target((2, 12, 10, 11), channels, seed=seed)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -11,7 +11,8 @@ import pytest
 from topojax.losses import persistent_homology as ph
 
 torch = pytest.importorskip("torch", reason="the parity tests need PyTorch")
-import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
+import loss_inputs  # noqa: E402  (tests/ is on sys.path under pytest)
+import torch_reference  # noqa: E402
 
 CASES = {
     # name: (channels-last shape, loss keyword arguments)
@@ -163,11 +164,5 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_raises_before_tracing(name):
   spec, message = BAD_INPUTS[name]
-  spec = dict(spec)
-  pred = np.zeros(spec.pop("pred", (1, 8, 8, 8, 1)),
-                  spec.pop("pred_dtype", np.float32))
-  target = np.zeros(spec.pop("target", pred.shape), np.float32)
-  compiled_before = ph._hutopo_loss._cache_size()
-  with pytest.raises(ValueError, match=message):
-    ph.hutopo_loss(pred, target, **spec)
-  assert ph._hutopo_loss._cache_size() == compiled_before
+  loss_inputs.assert_refused_before_tracing(ph.hutopo_loss, ph._hutopo_loss, spec,
+                                            message)

@@ -12,7 +12,8 @@ import pytest
 from topojax.losses import projected_pooling as losses
 
 torch = pytest.importorskip("torch", reason="the parity tests need PyTorch")
-import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
+import loss_inputs  # noqa: E402  (tests/ is on sys.path under pytest)
+import torch_reference  # noqa: E402
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
@@ -565,14 +566,8 @@ def test_nested_lists_are_arrays():
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("dice_weight", [1.0, 0.25])
 def test_topo_dice_loss_is_topo_plus_weighted_dice(channels, dice_weight):
-  rng = np.random.default_rng(9)
-  logits = rng.normal(size=(2, 16, 12, 14, channels)) * 3
-  if channels == 1:
-    target = (rng.random(logits.shape) < 0.3).astype(np.float64)
-    probs = 1 / (1 + np.exp(-logits))
-  else:
-    target = np.eye(channels)[rng.integers(0, channels, logits.shape[:-1])]
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  logits, target, probs = loss_inputs.logits_and_target(
+      (2, 16, 12, 14), channels, seed=9)
   kwargs = dict(kernel_sizes=(2, 4))
   topo, _ = _torch_loss_and_grad(
       probs, target, start_channel=0 if channels == 1 else 1, **kwargs)

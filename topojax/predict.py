@@ -469,6 +469,17 @@ def _image_files(images: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
   return files
 
 
+def _refuse_existing(paths, out_dir, *, overwrite: bool) -> None:
+  """Raises unless ``overwrite`` or none of ``paths`` exists yet, before any
+  work, so that no earlier prediction is replaced silently."""
+  existing = [str(p) for p in paths if p.exists()]
+  if existing and not overwrite:
+    raise FileExistsError(
+        f"--out {out_dir} already holds {len(existing)} of the predictions "
+        f"(e.g. {existing[0]}); pass overwrite=True (--overwrite) to replace "
+        "them")
+
+
 def predict_images(run_dir: str | os.PathLike,
                    images: Sequence[str | os.PathLike],
                    out_dir: str | os.PathLike, *,
@@ -523,12 +534,7 @@ def predict_images(run_dir: str | os.PathLike,
     if output.exists() and output.resolve() == path.resolve():
       raise ValueError(f"--out {out_dir}: the mask of {path} would replace "
                        "the image itself; choose another folder")
-  existing = [str(p) for p in outputs if p.exists()]
-  if existing and not overwrite:
-    raise FileExistsError(
-        f"--out {out_dir} already holds {len(existing)} of the predictions "
-        f"(e.g. {existing[0]}); pass overwrite=True (--overwrite) to replace "
-        "them")
+  _refuse_existing(outputs, out_dir, overwrite=overwrite)
   segmenter = Segmenter.from_run(run_dir)
   for path in files:
     segmenter.check_file(path)
@@ -574,12 +580,7 @@ def predict_run(run_dir: str | os.PathLike, task_dir: str | os.PathLike,
   case_ids = split.test if case_ids is None else tuple(case_ids)
   out_dir = pathlib.Path(out_dir)
   paths = [out_dir / f"{case_id}.nii.gz" for case_id in case_ids]
-  existing = [str(p) for p in paths if p.exists()]
-  if existing and not overwrite:
-    raise FileExistsError(
-        f"--out {out_dir} already holds {len(existing)} of the predictions "
-        f"(e.g. {existing[0]}); pass overwrite=True (--overwrite) to replace "
-        "them")
+  _refuse_existing(paths, out_dir, overwrite=overwrite)
   dataset = data.load_dataset(task_dir, config.preprocess_config(),
                               cache_dir=cache_dir, progress=False)
   rows = dataset.indices(case_ids)
