@@ -128,20 +128,13 @@ def _projections(config, dataset, split, seed_dir, names, path, task):
   numbers disagree most, label and every setting."""
   from experiments import figures
 
-  rows = dataset.indices(split.test)
-  images = np.stack([dataset.images[r] for r in rows])
-  labels = np.stack([dataset.labels[r] for r in rows])[..., -1] > 0.5
-  masks = {}
-  for directory, name in names.items():
-    model_def, state = predict.restore_best(
-        seed_dir / directory, config, in_channels=images.shape[-1],
-        out_channels=dataset.labels.shape[-1])
-    probs = np.stack(predict.segment(model_def, state, images,
-                                     batch_size=config.batch_size))
-    masks[name] = probs[..., -1] > 0.5
+  _, labels, probs = reproduce.probabilities_on_test_cases(
+      config, dataset, split, seed_dir, names)
+  labels = labels > 0.5
+  masks = {name: p > 0.5 for name, p in probs.items()}
   errors = np.array([[np.abs(np.subtract(metrics.betti_numbers(m[i]),
                                          metrics.betti_numbers(labels[i])))
-                      .sum() for i in range(len(rows))]
+                      .sum() for i in range(len(labels))]
                      for m in masks.values()])
   case = int(np.argmax(np.ptp(errors, axis=0) + errors.sum(axis=0) * 1e-3))
   figures.projections_figure(
@@ -172,10 +165,7 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=TASKS, seeds=None,
   if quick:
     config = reproduce.quick_config(config)
   out = pathlib.Path(out)
-  if out.exists() and any(out.iterdir()) and not resume:
-    raise FileExistsError(f"--out {out} is not empty; pass --resume to "
-                          "continue that comparison, or choose another "
-                          "folder")
+  reproduce.refuse_used_out(out, resume=resume, run="comparison")
   names = reproduce.setting_names(config, VARIANTS)
   results = {"config": config.to_json(), "seeds": list(seeds), "tasks": {}}
   for task in tasks:

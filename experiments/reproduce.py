@@ -157,30 +157,43 @@ def markdown(table, *, seeds, header: str,
   return "\n".join(lines) + "\n"
 
 
+def probabilities_on_test_cases(config, dataset, split,
+                                seed_dir: pathlib.Path,
+                                names: dict[str, str]):
+  """Every setting's foreground probabilities on the test cases of a seed.
+
+  Returns:
+    ``(images, labels, probs)``: the test images ``(N, X, Y, Z, C_in)``,
+    their labels' last channel ``(N, X, Y, Z)``, and setting name → the
+    best checkpoint's probabilities of that channel, ``(N, X, Y, Z)``.
+  """
+  rows = dataset.indices(split.test)
+  images = np.stack([dataset.images[r] for r in rows])
+  labels = np.stack([dataset.labels[r] for r in rows])[..., -1]
+  probs = {}
+  for directory, name in names.items():
+    model_def, state = predict.restore_best(
+        predict.phase_dir(seed_dir / directory), config,
+        in_channels=images.shape[-1], out_channels=dataset.labels.shape[-1])
+    probs[name] = np.stack(predict.segment(
+        model_def, state, images, batch_size=config.batch_size))[..., -1]
+  return images, labels, probs
+
+
 def figures(config, dataset, split, out: pathlib.Path, seed_dir: pathlib.Path,
             names: dict[str, str]) -> None:
   """method.png, qualitative.png and curves.png from one seed's runs."""
   from experiments import figures as figs  # Loads matplotlib.
 
-  rows = dataset.indices(split.test)
-  images = np.stack([dataset.images[r] for r in rows])
-  labels = np.stack([dataset.labels[r] for r in rows])[..., -1]
-  masks = {}
-  for directory, name in names.items():
-    model_def, state = predict.restore_best(
-        predict.phase_dir(seed_dir / directory), config,
-        in_channels=images.shape[-1], out_channels=dataset.labels.shape[-1])
-    probs = np.stack(predict.segment(model_def, state, images,
-                                     batch_size=config.batch_size))[..., -1]
-    if directory == "phase1":
-      phase1_probs = probs
-    masks[name] = probs > 0.5
+  images, labels, probs = probabilities_on_test_cases(
+      config, dataset, split, seed_dir, names)
+  masks = {name: p > 0.5 for name, p in probs.items()}
   # The test case where the settings disagree most in component count.
   spread = [np.ptp([metrics.count_components(m[i]) for m in masks.values()])
-            for i in range(len(rows))]
+            for i in range(len(labels))]
   case = int(np.argmax(spread))
-  figs.method_figure(phase1_probs[case], labels[case], out / "method.png",
-                     kernel_sizes=config.kernel_sizes)
+  figs.method_figure(probs[names["phase1"]][case], labels[case],
+                     out / "method.png", kernel_sizes=config.kernel_sizes)
   figs.qualitative_figure(images[case, ..., 0], labels[case],
                           {n: m[case] for n, m in masks.items()},
                           out / "qualitative.png",
@@ -190,6 +203,14 @@ def figures(config, dataset, split, out: pathlib.Path, seed_dir: pathlib.Path,
       {names[d]: train.read_log(seed_dir / d / "log.jsonl")
        for d in names if d != "phase1"},
       out / "curves.png", title=f"seed {config.seed}")
+
+
+def refuse_used_out(out: pathlib.Path, *, resume: bool, run: str) -> None:
+  """Raises unless ``out`` is new or empty, or ``resume`` continues the
+  ``run`` in it: an earlier run's results are never mixed with a new one's."""
+  if out.exists() and any(out.iterdir()) and not resume:
+    raise FileExistsError(f"--out {out} is not empty; pass --resume to "
+                          f"continue that {run}, or choose another folder")
 
 
 def reproduce(*, config_path=DEFAULT_CONFIG, task_dir=None, seeds=None,
@@ -207,10 +228,7 @@ def reproduce(*, config_path=DEFAULT_CONFIG, task_dir=None, seeds=None,
     config = quick_config(config)
   out = pathlib.Path(out if out is not None else
                      ROOT / "out" / pathlib.Path(config_path).stem)
-  if out.exists() and any(out.iterdir()) and not resume:
-    raise FileExistsError(f"--out {out} is not empty; pass --resume to "
-                          "continue that reproduction, or choose another "
-                          "folder")
+  refuse_used_out(out, resume=resume, run="reproduction")
   if not seeds:
     raise ValueError("--seeds: give at least one seed")
   if task_dir is None:
