@@ -332,25 +332,23 @@ def summary(records):
   shapes = sorted({tuple(r["shape"]) for r in records},
                   key=lambda s: (s[0], np.prod(s)))
   fb = functools.partial(_median, mode="forward_backward")
-  out = {}
+
+  def ratio(shape, numerator, denominator):
+    return _safe_div(fb(table.get((shape, numerator))),
+                     fb(table.get((shape, denominator))))
+
   paper = (2, 160, 160, 128, 1)
-  out["paper_torch_over_fast"] = _safe_div(
-      fb(table.get((paper, TORCH))), fb(table.get((paper, FAST))))
-  out["paper_fast_over_floor"] = _safe_div(
-      fb(table.get((paper, FAST))), fb(table.get((paper, FLOOR))))
-  out["paper_features_over_floor"] = _safe_div(
-      fb(table.get((paper, FEATURES))), fb(table.get((paper, FLOOR))))
   ball96 = (1, 96, 96, 96, 1)
-  out["96_betti_over_fast"] = _safe_div(
-      fb(table.get((ball96, BETTI))), fb(table.get((ball96, FAST))))
-  out["96_hutopo_over_fast"] = _safe_div(
-      fb(table.get((ball96, HUTOPO))), fb(table.get((ball96, FAST))))
-  out["96_ph_over_fast"] = _safe_div(
-      fb(table.get((ball96, PH))), fb(table.get((ball96, FAST))))
-  out["96_cldice_over_fast"] = _safe_div(
-      fb(table.get((ball96, CLDICE))), fb(table.get((ball96, FAST))))
-  out["96_torch_cldice_over_cldice"] = _safe_div(
-      fb(table.get((ball96, CLDICE_TORCH))), fb(table.get((ball96, CLDICE))))
+  out = {
+      "paper_torch_over_fast": ratio(paper, TORCH, FAST),
+      "paper_fast_over_floor": ratio(paper, FAST, FLOOR),
+      "paper_features_over_floor": ratio(paper, FEATURES, FLOOR),
+      "96_betti_over_fast": ratio(ball96, BETTI, FAST),
+      "96_hutopo_over_fast": ratio(ball96, HUTOPO, FAST),
+      "96_ph_over_fast": ratio(ball96, PH, FAST),
+      "96_cldice_over_fast": ratio(ball96, CLDICE, FAST),
+      "96_torch_cldice_over_cldice": ratio(ball96, CLDICE_TORCH, CLDICE),
+  }
   # The same loss on the host and in PyTorch, where both ran.
   out["hutopo_over_ph"] = {
       str(shape): fb(table[(shape, HUTOPO)]) / fb(table[(shape, PH)])
