@@ -10,11 +10,56 @@ import argparse
 import sys
 
 
+def _add_demo_arguments(subparsers) -> None:
+  """The ``demo`` subcommand: the loss explained on a generated volume."""
+  demo = subparsers.add_parser(
+      "demo", help="compute and explain the loss on a generated example volume")
+  demo.add_argument("--seed", type=int, default=0)
+  demo.add_argument("--out", default=None,
+                    help="optional PNG path for the projections figure")
+  demo.set_defaults(run=_demo)
+
+
 def _demo(args: argparse.Namespace) -> int:
   from topojax import demo
 
   demo.run(seed=args.seed, out=args.out)
   return 0
+
+
+def _add_synth_arguments(subparsers) -> None:
+  """The ``synth`` subcommand: a synthetic task of known topology."""
+  synth = subparsers.add_parser(
+      "synth", help="write a synthetic MSD-layout task with known topology")
+  synth.add_argument("out_dir", help="task folder to create")
+  synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                     help="volume shape in voxels (default 32 32 32)")
+  synth.add_argument("--num-cases", type=int, help="default 60")
+  synth.add_argument("--kinds", nargs="+",
+                     choices=("blob", "ellipsoid", "torus", "ring"),
+                     help="labelled object shapes (default ellipsoid); a ring "
+                     "is a thin torus with a narrow neck")
+  synth.add_argument("--num-objects", type=int, nargs=2,
+                     metavar=("MIN", "MAX"),
+                     help="labelled objects per case (default 1 1)")
+  synth.add_argument("--num-distractors", type=int, nargs=2,
+                     metavar=("MIN", "MAX"),
+                     help="unlabelled bright blobs per case (default 2 4)")
+  synth.add_argument("--distractor-intensity", type=float, nargs=2,
+                     metavar=("MIN", "MAX"),
+                     help="distractor intensity, objects being 1 (default "
+                     "0.8 1)")
+  synth.add_argument("--noise", type=float,
+                     help="noise standard deviation (default 0.35)")
+  synth.add_argument("--bias", type=float,
+                     help="bias field amplitude (default 0.3)")
+  synth.add_argument("--spacing", type=float, nargs=3,
+                     metavar=("X", "Y", "Z"),
+                     help="voxel size in mm (default 1 1 1.5)")
+  synth.add_argument("--seed", type=int, help="default 0")
+  synth.add_argument("--overwrite", action="store_true",
+                     help="write into an existing, non-empty folder")
+  synth.set_defaults(run=_synth)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -36,6 +81,24 @@ def _synth(args: argparse.Namespace) -> int:
   print(f"wrote {config.num_cases} cases of shape {config.shape} to {root} "
         f"(preview: {preview})")
   return 0
+
+
+def _add_prepare_arguments(subparsers) -> None:
+  """The ``prepare`` subcommand: an MSD task into the cache, timed."""
+  prepare = subparsers.add_parser(
+      "prepare", help="preprocess an MSD task into the cache and report the "
+      "loading speed")
+  prepare.add_argument("task_dir", help="MSD task folder with dataset.json")
+  prepare.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                       help="resize target; defaults to the paper's shape for "
+                       "Task09_Spleen, Task02_Heart and Task04_Hippocampus")
+  prepare.add_argument("--modalities", nargs="+",
+                       help="modality names or indices to keep (default all)")
+  prepare.add_argument("--label-mode", choices=("binary", "onehot"),
+                       default="binary")
+  prepare.add_argument("--cache-dir", default=None,
+                       help="cache folder (default ~/.cache/topojax)")
+  prepare.set_defaults(run=_prepare)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -72,6 +135,36 @@ def _prepare(args: argparse.Namespace) -> int:
   return 0
 
 
+def _add_evaluate_arguments(subparsers) -> None:
+  """The ``evaluate`` subcommand: Table-2 metrics of prediction folders."""
+  evaluate = subparsers.add_parser(
+      "evaluate", help="Table-2 metrics of NIfTI predictions against labels, "
+      "several runs side by side")
+  evaluate.add_argument(
+      "--pred", action="append", required=True, metavar="[NAME=]DIR",
+      help="a run's prediction folder, optionally named (no '=' in NAME) "
+      "for its table row, e.g. 'PPL 150+150=runs/ppl/pred'; repeat for more "
+      "runs")
+  evaluate.add_argument("--labels", required=True, metavar="LABEL_DIR",
+                        help="ground-truth folder, e.g. Task09_Spleen/labelsTr")
+  cases = evaluate.add_mutually_exclusive_group()
+  cases.add_argument("--cases", nargs="+", metavar="CASE",
+                     help="case ids to evaluate (default: every label)")
+  cases.add_argument("--split", metavar="SPLIT_JSON",
+                     help="evaluate the test cases of a run's split.json")
+  evaluate.add_argument("--classes", type=int, nargs="+", default=[1],
+                        help="label values to evaluate (default 1: binary)")
+  evaluate.add_argument("--keep-largest", type=int, metavar="N",
+                        help="keep the N largest components of each class of "
+                        "the predictions before measuring")
+  evaluate.add_argument("--out", metavar="DIR",
+                        help="write cases.csv, summary.json, table.md and "
+                        "cases.png there")
+  evaluate.add_argument("--overwrite", action="store_true",
+                        help="replace report files already in --out")
+  evaluate.set_defaults(run=_evaluate)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
   import pathlib
 
@@ -104,6 +197,55 @@ def _evaluate(args: argparse.Namespace) -> int:
   if args.out is not None:
     print(f"report written to {args.out}")
   return 0
+
+
+def _add_train_arguments(subparsers) -> None:
+  """The ``train`` subcommand: the two training phases of one run."""
+  train = subparsers.add_parser(
+      "train", help="train the 3D U-Net: Dice pre-training (phase 1), then "
+      "PPL + Dice fine-tuning (phase 2)",
+      description="Train the 3D U-Net as in Fu et al. 2023: Dice pre-training "
+      "(phase 1), then PPL + Dice fine-tuning from its best epoch (phase 2). "
+      "Compiled XLA programs are cached in ~/.cache/topojax/xla (or "
+      "$JAX_COMPILATION_CACHE_DIR), so later runs of the same network start "
+      "at once.")
+  train.add_argument("--config", required=True,
+                     help="JSON TrainConfig, e.g. "
+                     "experiments/configs/synthetic.json")
+  train.add_argument("--data", required=True, metavar="TASK_DIR",
+                     help="MSD task folder with dataset.json")
+  train.add_argument("--out", required=True, metavar="RUN_DIR",
+                     help="run folder; phases go to RUN_DIR/phase1 and "
+                     "RUN_DIR/phase2")
+  train.add_argument("--phase", choices=("1", "2", "both"), default="both",
+                     help="phases to train (default both)")
+  train.add_argument("--init", metavar="PHASE1_DIR",
+                     help="with --phase 2: the finished phase-1 folder to "
+                     "fine-tune (default RUN_DIR/phase1)")
+  train.add_argument("--phase2-loss",
+                     choices=("dice", "ppl", "ppl_norm", "cldice", "hutopo",
+                              "betti_matching", "skeleton_recall",
+                              "topo_dice"),
+                     help="override the config's phase-2 loss: 'dice' (the "
+                     "paper's Dice 150+150 baseline), or a topological loss "
+                     "+ dice_weight * Dice: 'ppl' (published scale), "
+                     "'ppl_norm' (per pooled cell), 'cldice', 'hutopo' "
+                     "(persistent homology), 'betti_matching', "
+                     "'skeleton_recall'; 'topo_dice' is the older name "
+                     "of 'ppl'")
+  train.add_argument("--seed", type=int,
+                     help="override the config's training seed (weights and "
+                     "batch order; the split keeps split_seed)")
+  train.add_argument("--resume", action="store_true",
+                     help="continue the phases in RUN_DIR from their latest "
+                     "checkpoints")
+  train.add_argument("--overwrite", action="store_true",
+                     help="delete the previous run of these phases in RUN_DIR "
+                     "and start again")
+  train.add_argument("--cache-dir", default=None,
+                     help="preprocessing cache (default ~/.cache/topojax)")
+  _add_cluster_arguments(train)
+  train.set_defaults(run=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -148,6 +290,28 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _add_cluster_arguments(train_parser: argparse.ArgumentParser) -> None:
+  """``train``'s flags for several processes, checked by ``_processes``."""
+  cluster = train_parser.add_argument_group(
+      "several processes",
+      "One process per host (or several on one machine), all with the same "
+      "arguments but --process-id, the same data and a shared RUN_DIR; "
+      "batches are split over every device of every process, process 0 "
+      "writes the run's files and prints.")
+  cluster.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first, "
+                       "letting JAX find the processes in the cluster's "
+                       "environment (SLURM, Open MPI, Cloud TPU, ...)")
+  cluster.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0, where the others "
+                       "connect (e.g. the first host of a SLURM job and a "
+                       "free port)")
+  cluster.add_argument("--num-processes", type=int, metavar="N",
+                       help="how many processes take part")
+  cluster.add_argument("--process-id", type=int, metavar="I",
+                       help="this process's rank, 0 to N-1")
+
+
 def _processes(args: argparse.Namespace) -> dict | None:
   """``jax.distributed.initialize`` arguments from the flags, checked."""
   given = [args.coordinator, args.num_processes, args.process_id]
@@ -169,6 +333,37 @@ def _processes(args: argparse.Namespace) -> dict | None:
                      f"got {args.process_id}")
   return {"coordinator_address": args.coordinator,
           "num_processes": args.num_processes, "process_id": args.process_id}
+
+
+def _add_predict_arguments(subparsers) -> None:
+  """The ``predict`` subcommand: a run's masks of its test cases or of
+  any images."""
+  predict = subparsers.add_parser(
+      "predict", help="segment a run's test cases (--data) or any NIfTI "
+      "images (--images); NIfTI masks in the original image space")
+  predict.add_argument("--run", required=True, dest="run_dir",
+                       metavar="RUN_DIR",
+                       help="run folder (its last finished phase) or a "
+                       "phase folder")
+  inputs = predict.add_mutually_exclusive_group(required=True)
+  inputs.add_argument("--data", metavar="TASK_DIR",
+                      help="the MSD task folder the run was trained on: "
+                      "segment the test cases of the run's split")
+  inputs.add_argument("--images", nargs="+", metavar="PATH",
+                      help="NIfTI files (.nii, .nii.gz) or folders of them: "
+                      "3D, or 4D with the run's modalities in training order")
+  predict.add_argument("--out", required=True, metavar="PRED_DIR",
+                       help="folder for <case_id>.nii.gz (--data) or "
+                       "<name>.nii.gz, name being the image file's (--images)")
+  predict.add_argument("--keep-largest", type=int, metavar="N",
+                       help="keep the N largest connected components of "
+                       "each class")
+  predict.add_argument("--overwrite", action="store_true",
+                       help="replace predictions already in PRED_DIR")
+  predict.add_argument("--cache-dir", default=None,
+                       help="preprocessing cache of --data (default "
+                       "~/.cache/topojax)")
+  predict.set_defaults(run=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -197,176 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
       description="Topology-aware 3D segmentation with the Projected Pooling Loss.",
   )
   sub = parser.add_subparsers(dest="command", required=True)
-
-  demo = sub.add_parser(
-      "demo", help="compute and explain the loss on a generated example volume")
-  demo.add_argument("--seed", type=int, default=0)
-  demo.add_argument("--out", default=None,
-                    help="optional PNG path for the projections figure")
-  demo.set_defaults(run=_demo)
-
-  synth = sub.add_parser(
-      "synth", help="write a synthetic MSD-layout task with known topology")
-  synth.add_argument("out_dir", help="task folder to create")
-  synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                     help="volume shape in voxels (default 32 32 32)")
-  synth.add_argument("--num-cases", type=int, help="default 60")
-  synth.add_argument("--kinds", nargs="+",
-                     choices=("blob", "ellipsoid", "torus", "ring"),
-                     help="labelled object shapes (default ellipsoid); a ring "
-                     "is a thin torus with a narrow neck")
-  synth.add_argument("--num-objects", type=int, nargs=2,
-                     metavar=("MIN", "MAX"),
-                     help="labelled objects per case (default 1 1)")
-  synth.add_argument("--num-distractors", type=int, nargs=2,
-                     metavar=("MIN", "MAX"),
-                     help="unlabelled bright blobs per case (default 2 4)")
-  synth.add_argument("--distractor-intensity", type=float, nargs=2,
-                     metavar=("MIN", "MAX"),
-                     help="distractor intensity, objects being 1 (default "
-                     "0.8 1)")
-  synth.add_argument("--noise", type=float,
-                     help="noise standard deviation (default 0.35)")
-  synth.add_argument("--bias", type=float,
-                     help="bias field amplitude (default 0.3)")
-  synth.add_argument("--spacing", type=float, nargs=3,
-                     metavar=("X", "Y", "Z"),
-                     help="voxel size in mm (default 1 1 1.5)")
-  synth.add_argument("--seed", type=int, help="default 0")
-  synth.add_argument("--overwrite", action="store_true",
-                     help="write into an existing, non-empty folder")
-  synth.set_defaults(run=_synth)
-
-  prepare = sub.add_parser(
-      "prepare", help="preprocess an MSD task into the cache and report the "
-      "loading speed")
-  prepare.add_argument("task_dir", help="MSD task folder with dataset.json")
-  prepare.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                       help="resize target; defaults to the paper's shape for "
-                       "Task09_Spleen, Task02_Heart and Task04_Hippocampus")
-  prepare.add_argument("--modalities", nargs="+",
-                       help="modality names or indices to keep (default all)")
-  prepare.add_argument("--label-mode", choices=("binary", "onehot"),
-                       default="binary")
-  prepare.add_argument("--cache-dir", default=None,
-                       help="cache folder (default ~/.cache/topojax)")
-  prepare.set_defaults(run=_prepare)
-
-  evaluate = sub.add_parser(
-      "evaluate", help="Table-2 metrics of NIfTI predictions against labels, "
-      "several runs side by side")
-  evaluate.add_argument(
-      "--pred", action="append", required=True, metavar="[NAME=]DIR",
-      help="a run's prediction folder, optionally named (no '=' in NAME) "
-      "for its table row, e.g. 'PPL 150+150=runs/ppl/pred'; repeat for more "
-      "runs")
-  evaluate.add_argument("--labels", required=True, metavar="LABEL_DIR",
-                        help="ground-truth folder, e.g. Task09_Spleen/labelsTr")
-  cases = evaluate.add_mutually_exclusive_group()
-  cases.add_argument("--cases", nargs="+", metavar="CASE",
-                     help="case ids to evaluate (default: every label)")
-  cases.add_argument("--split", metavar="SPLIT_JSON",
-                     help="evaluate the test cases of a run's split.json")
-  evaluate.add_argument("--classes", type=int, nargs="+", default=[1],
-                        help="label values to evaluate (default 1: binary)")
-  evaluate.add_argument("--keep-largest", type=int, metavar="N",
-                        help="keep the N largest components of each class of "
-                        "the predictions before measuring")
-  evaluate.add_argument("--out", metavar="DIR",
-                        help="write cases.csv, summary.json, table.md and "
-                        "cases.png there")
-  evaluate.add_argument("--overwrite", action="store_true",
-                        help="replace report files already in --out")
-  evaluate.set_defaults(run=_evaluate)
-
-  train = sub.add_parser(
-      "train", help="train the 3D U-Net: Dice pre-training (phase 1), then "
-      "PPL + Dice fine-tuning (phase 2)",
-      description="Train the 3D U-Net as in Fu et al. 2023: Dice pre-training "
-      "(phase 1), then PPL + Dice fine-tuning from its best epoch (phase 2). "
-      "Compiled XLA programs are cached in ~/.cache/topojax/xla (or "
-      "$JAX_COMPILATION_CACHE_DIR), so later runs of the same network start "
-      "at once.")
-  train.add_argument("--config", required=True,
-                     help="JSON TrainConfig, e.g. "
-                     "experiments/configs/synthetic.json")
-  train.add_argument("--data", required=True, metavar="TASK_DIR",
-                     help="MSD task folder with dataset.json")
-  train.add_argument("--out", required=True, metavar="RUN_DIR",
-                     help="run folder; phases go to RUN_DIR/phase1 and "
-                     "RUN_DIR/phase2")
-  train.add_argument("--phase", choices=("1", "2", "both"), default="both",
-                     help="phases to train (default both)")
-  train.add_argument("--init", metavar="PHASE1_DIR",
-                     help="with --phase 2: the finished phase-1 folder to "
-                     "fine-tune (default RUN_DIR/phase1)")
-  train.add_argument("--phase2-loss",
-                     choices=("dice", "ppl", "ppl_norm", "cldice", "hutopo",
-                              "topo_dice"),
-                     help="override the config's phase-2 loss: 'dice' (the "
-                     "paper's Dice 150+150 baseline), or a topological loss "
-                     "+ dice_weight * Dice: 'ppl' (published scale), "
-                     "'ppl_norm' (per pooled cell), 'cldice', 'hutopo' "
-                     "(persistent homology); 'topo_dice' is the older name "
-                     "of 'ppl'")
-  train.add_argument("--seed", type=int,
-                     help="override the config's training seed (weights and "
-                     "batch order; the split keeps split_seed)")
-  train.add_argument("--resume", action="store_true",
-                     help="continue the phases in RUN_DIR from their latest "
-                     "checkpoints")
-  train.add_argument("--overwrite", action="store_true",
-                     help="delete the previous run of these phases in RUN_DIR "
-                     "and start again")
-  train.add_argument("--cache-dir", default=None,
-                     help="preprocessing cache (default ~/.cache/topojax)")
-  cluster = train.add_argument_group(
-      "several processes",
-      "One process per host (or several on one machine), all with the same "
-      "arguments but --process-id, the same data and a shared RUN_DIR; "
-      "batches are split over every device of every process, process 0 "
-      "writes the run's files and prints.")
-  cluster.add_argument("--distributed", action="store_true",
-                       help="call jax.distributed.initialize() first, "
-                       "letting JAX find the processes in the cluster's "
-                       "environment (SLURM, Open MPI, Cloud TPU, ...)")
-  cluster.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="address of process 0, where the others "
-                       "connect (e.g. the first host of a SLURM job and a "
-                       "free port)")
-  cluster.add_argument("--num-processes", type=int, metavar="N",
-                       help="how many processes take part")
-  cluster.add_argument("--process-id", type=int, metavar="I",
-                       help="this process's rank, 0 to N-1")
-  train.set_defaults(run=_train)
-
-  predict = sub.add_parser(
-      "predict", help="segment a run's test cases (--data) or any NIfTI "
-      "images (--images); NIfTI masks in the original image space")
-  predict.add_argument("--run", required=True, dest="run_dir",
-                       metavar="RUN_DIR",
-                       help="run folder (its last finished phase) or a "
-                       "phase folder")
-  inputs = predict.add_mutually_exclusive_group(required=True)
-  inputs.add_argument("--data", metavar="TASK_DIR",
-                      help="the MSD task folder the run was trained on: "
-                      "segment the test cases of the run's split")
-  inputs.add_argument("--images", nargs="+", metavar="PATH",
-                      help="NIfTI files (.nii, .nii.gz) or folders of them: "
-                      "3D, or 4D with the run's modalities in training order")
-  predict.add_argument("--out", required=True, metavar="PRED_DIR",
-                       help="folder for <case_id>.nii.gz (--data) or "
-                       "<name>.nii.gz, name being the image file's (--images)")
-  predict.add_argument("--keep-largest", type=int, metavar="N",
-                       help="keep the N largest connected components of "
-                       "each class")
-  predict.add_argument("--overwrite", action="store_true",
-                       help="replace predictions already in PRED_DIR")
-  predict.add_argument("--cache-dir", default=None,
-                       help="preprocessing cache of --data (default "
-                       "~/.cache/topojax)")
-  predict.set_defaults(run=_predict)
-
+  _add_demo_arguments(sub)
+  _add_synth_arguments(sub)
+  _add_prepare_arguments(sub)
+  _add_evaluate_arguments(sub)
+  _add_train_arguments(sub)
+  _add_predict_arguments(sub)
   return parser
 
 

@@ -1,12 +1,10 @@
-"""Tests for topojax/train.py: a tiny two-phase run, resume, every loss, data
-parallel on 4 devices and on 2 processes."""
+"""Tests for topojax/train/loop.py: a tiny two-phase run, resume, every loss,
+data parallel on 4 devices and on 2 processes."""
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
-import re
 import signal
 import socket
 import subprocess
@@ -21,19 +19,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from topojax import checkpoint
-from topojax import cli
-from topojax import losses
-from topojax import synthetic
 from topojax import train
+from topojax.train import steps
+from topojax.train import validation
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import train_fixtures  # tests/ is on sys.path under pytest
 
-# 12 cases: 8 train (2 batches of 4), 2 validation (one padded batch), 2 test.
-CONFIG = train.TrainConfig(
-    shape=(16, 16, 16), base_channels=4, depth=2, batch_size=4,
-    flip_axes=(0,), kernel_sizes=(2, 4),
-    phase1=train.PhaseConfig(loss="dice", epochs=3, learning_rate=1e-2),
-    phase2=train.PhaseConfig(loss="ppl", epochs=2, learning_rate=1e-3))
+ROOT = train_fixtures.ROOT
+CONFIG = train_fixtures.CONFIG
 
 
 class Crash(Exception):
@@ -42,11 +35,7 @@ class Crash(Exception):
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data") / "Task00_Tiny"
-  synthetic.generate_task(
-      root, synthetic.SynthConfig(shape=(16, 16, 16), num_cases=12, seed=0),
-      progress=False)
-  return root
+  return train_fixtures.make_task(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +297,7 @@ def test_patience_stops_early_also_after_a_crash(run, task, cache, tmp_path):
   patient = dataclasses.replace(CONFIG, phase1=dataclasses.replace(
       CONFIG.phase1, patience=1))
   falling = iter([0.5, 0.4, 0.3])
-  with mock.patch.object(train, "validate", side_effect=lambda *a, **k: {
+  with mock.patch.object(validation, "validate", side_effect=lambda *a, **k: {
       "val_dice": next(falling), "val_topo": 1.0}):
     result = train.train(patient, task, tmp_path, phases=(1,),
                          cache_dir=cache, progress=False)[1]
@@ -318,7 +307,7 @@ def test_patience_stops_early_also_after_a_crash(run, task, cache, tmp_path):
   assert _epochs(tmp_path / "phase1") == [1, 2]
   # Died before writing the summary: resuming must not train epoch 3.
   (tmp_path / "phase1" / "summary.json").unlink()
-  with mock.patch.object(train, "validate", side_effect=AssertionError):
+  with mock.patch.object(validation, "validate", side_effect=AssertionError):
     resumed = train.train(patient, task, tmp_path, phases=(1,), resume=True,
                           cache_dir=cache, progress=False)[1]
   assert resumed.epochs_run == 2 and resumed.stopped_early
@@ -359,7 +348,7 @@ def test_phase2_loss_override_gives_the_dice_baseline(run, task, cache,
   class Stop(Exception):
     pass
 
-  with mock.patch.object(train, "make_train_step",
+  with mock.patch.object(steps, "make_train_step",
                          side_effect=Stop) as make_step:
     with pytest.raises(Stop):
       train.train(CONFIG, task, tmp_path, phases=(2,), init=out / "phase1",
@@ -495,134 +484,3 @@ def test_two_processes_killed_mid_phase_resume_to_one_process_results(
     item = phase_dir / "checkpoints" / str(best) / "model"
     assert {p.name for p in item.glob("ocdbt.process_*")} == {
         "ocdbt.process_0", "ocdbt.process_1"}
-
-
-def test_make_loss():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
-  labels = (rng.random((2, 8, 8, 8, 1)) > 0.5).astype(np.float32)
-  probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
-  overlap = (probs * labels).sum(axis=(1, 2, 3, 4))
-  total = probs.sum(axis=(1, 2, 3, 4)) + labels.sum(axis=(1, 2, 3, 4))
-  # Soft Dice with smoothing 1 (optax's default), averaged over the batch.
-  expected = np.mean(1 - (overlap + 1) / (total / 2 + 1))
-  dice = train.make_loss("dice", dice_weight=2.0, kernel_sizes=(2, 4))
-  np.testing.assert_allclose(dice(logits, labels), expected, rtol=1e-5)
-  topo = train.make_loss("topo_dice", dice_weight=2.0, kernel_sizes=(2, 4))
-  ppl = losses.projected_pooling_loss(probs.astype(np.float32), labels,
-                                      kernel_sizes=(2, 4))
-  np.testing.assert_allclose(topo(logits, labels), ppl + 2 * expected,
-                             rtol=1e-5)
-  # Every topological loss is L_topo(probabilities) + λ·Dice.
-  for name, topology_loss in (
-      ("ppl", functools.partial(losses.projected_pooling_loss,
-                                kernel_sizes=(2, 4))),
-      ("ppl_norm", functools.partial(losses.projected_pooling_loss,
-                                     kernel_sizes=(2, 4), normalize=True)),
-      ("cldice", losses.cldice_loss), ("hutopo", losses.hutopo_loss)):
-    loss = train.make_loss(name, dice_weight=2.0, kernel_sizes=(2, 4))
-    np.testing.assert_allclose(
-        loss(logits, labels),
-        topology_loss(probs.astype(np.float32), labels) + 2 * expected,
-        rtol=1e-5)
-  normalized = train.make_loss("topo_dice", dice_weight=2.0,
-                               kernel_sizes=(2, 4), normalize=True)
-  np.testing.assert_allclose(
-      normalized(logits, labels),
-      train.make_loss("ppl_norm", dice_weight=2.0, kernel_sizes=(2, 4))(
-          logits, labels), rtol=1e-6)
-  with pytest.raises(ValueError, match="loss must be one of"):
-    train.make_loss("tversky", dice_weight=1.0, kernel_sizes=(2,))
-
-
-def test_load_config_round_trip(tmp_path):
-  path = tmp_path / "config.json"
-  path.write_text(json.dumps(CONFIG.to_json()))
-  assert train.load_config(path) == CONFIG
-
-
-@pytest.mark.parametrize("change, match", [
-    ({"phase1": {"loss": "dice", "epochs": 1, "learning_rate": 1e-3,
-                 "momentum": 0.9}}, r"unknown keys \['phase1.momentum'\]"),
-    ({"lr": 1e-3}, r"unknown keys \['lr'\]"),
-    ({"shape": [16, 16, 12], "depth": 4}, "multiple of 2"),
-    ({"kernel_sizes": [4, 20]}, "must be positive, non-empty and fit"),
-    ({"phase2": {"loss": "tversky", "epochs": 1, "learning_rate": 1e-3}},
-     "loss must be one of"),
-    ({"batch_size": 0}, "batch_size must be a positive int"),
-])
-def test_load_config_rejects_bad_files(tmp_path, change, match):
-  path = tmp_path / "config.json"
-  path.write_text(json.dumps({**CONFIG.to_json(), **change}))
-  with pytest.raises(ValueError, match=match):
-    train.load_config(path)
-
-
-def test_load_config_missing_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match="config file"):
-    train.load_config(tmp_path / "nope.json")
-
-
-# DESIGN.md §3 and the paper's §3.1.
-PAPER_SHAPES = {"spleen": (160, 160, 128), "heart": (160, 160, 128),
-                "hippocampus": (64, 64, 48)}
-
-
-@pytest.mark.parametrize("name", sorted(PAPER_SHAPES))
-def test_paper_configs_hold_the_papers_values(name):
-  config = train.load_config(ROOT / "experiments" / "configs" / f"{name}.json")
-  assert config.shape == PAPER_SHAPES[name]
-  assert (config.phase1.loss, config.phase1.epochs,
-          config.phase1.learning_rate) == ("dice", 150, 1e-3)
-  assert (config.phase2.loss, config.phase2.epochs,
-          config.phase2.learning_rate) == ("ppl", 150, 1e-4)
-  assert config.dice_weight == 1.0
-  assert config.kernel_sizes == (4, 5, 8, 10, 20)
-
-
-def test_synthetic_config_loads():
-  config = train.load_config(ROOT / "experiments" / "configs" /
-                             "synthetic.json")
-  assert config.phase1.loss == "dice" and config.phase2.loss == "ppl"
-
-
-def test_configs_with_the_older_loss_name_still_load(tmp_path):
-  path = tmp_path / "config.json"
-  spec = CONFIG.to_json()
-  spec["phase2"]["loss"] = "topo_dice"
-  path.write_text(json.dumps({**spec, "normalize": True}))
-  config = train.load_config(path)
-  assert train.resolve_loss(config.phase2.loss,
-                            normalize=config.normalize) == "ppl_norm"
-
-
-def test_cli_refuses_a_used_run_dir(task, tmp_path, capsys, monkeypatch):
-  # Keeps the command from pointing JAX at the user's cache folder.
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla"))
-  config_path = tmp_path / "config.json"
-  config_path.write_text(json.dumps(CONFIG.to_json()))
-  (tmp_path / "run" / "phase1").mkdir(parents=True)
-  (tmp_path / "run" / "phase1" / "log.jsonl").write_text("")
-  code = cli.main(["train", "--config", str(config_path), "--data", str(task),
-                   "--out", str(tmp_path / "run")])
-  assert code == 2
-  assert "is not empty" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--coordinator", "127.0.0.1:1234"], "go together"),
-    (["--coordinator", "localhost", "--num-processes", "2", "--process-id",
-      "0"], "must be HOST:PORT"),
-    (["--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"],
-     "--num-processes must be at least 1"),
-    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
-     r"--process-id must be in \[0, 2\)"),
-])
-def test_cli_checks_the_process_flags_before_starting(tmp_path, capsys, flags,
-                                                      message):
-  code = cli.main(["train", "--config", str(tmp_path / "none.json"),
-                   "--data", str(tmp_path), "--out", str(tmp_path / "run"),
-                   *flags])
-  err = capsys.readouterr().err
-  assert code == 2 and re.search(message, err), err
-  assert not (tmp_path / "run").exists()

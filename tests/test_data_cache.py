@@ -1,0 +1,125 @@
+"""Tests for topojax/data/cache.py: ``load_dataset`` and its memory-mapped
+cache."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from topojax import cli
+from topojax import data
+from topojax.data import cache
+from topojax.data import nifti
+
+# tests/ is on sys.path under pytest.
+from data_fixtures import SYNTH
+from data_fixtures import cache_dir  # noqa: F401  (a fixture)
+from data_fixtures import entries
+from data_fixtures import ramp_case
+from data_fixtures import synth_task  # noqa: F401  (a fixture)
+from data_fixtures import write_task
+
+
+def test_load_dataset_round_trip(synth_task, cache_dir):
+  config = data.PreprocessConfig(shape=SYNTH.shape)
+  dataset = data.load_dataset(synth_task, config, cache_dir=cache_dir,
+                              progress=False)
+  assert not dataset.from_cache
+  assert dataset.case_ids == tuple(f"synth_{i:03d}" for i in range(10))
+  assert dataset.images.shape == (10, 20, 18, 16, 1)
+  assert dataset.labels.shape == (10, 20, 18, 16, 1)
+  assert dataset.images.dtype == dataset.labels.dtype == np.float32
+  assert isinstance(dataset.images, np.memmap)
+  for i in range(10):
+    raw = nib.load(synth_task / f"imagesTr/synth_{i:03d}.nii.gz").get_fdata()
+    expected = (raw - raw.min()) / (raw.max() - raw.min())
+    np.testing.assert_allclose(dataset.images[i, ..., 0], expected, atol=1e-6)
+    label = nib.load(synth_task / f"labelsTr/synth_{i:03d}.nii.gz")
+    np.testing.assert_array_equal(dataset.labels[i, ..., 0],
+                                  np.asarray(label.dataobj))
+    assert dataset.meta[i].case_id == dataset.case_ids[i]
+    np.testing.assert_allclose(dataset.meta[i].affine, label.affine)
+  np.testing.assert_array_equal(dataset.indices(["synth_004", "synth_000"]),
+                                [4, 0])
+  with pytest.raises(ValueError, match="synth_999"):
+    dataset.indices(["synth_999"])
+
+
+def test_cache_hit_reads_no_nifti(synth_task, cache_dir, monkeypatch):
+  config = data.PreprocessConfig(shape=(12, 10, 8))
+  cold = data.load_dataset(synth_task, config, cache_dir=cache_dir,
+                           progress=False)
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError("a cache hit decoded NIfTI")
+
+  # Patched where load_dataset reaches them, in topojax.data.nifti.
+  monkeypatch.setattr(nifti, "_open_nifti", no_decoding)
+  monkeypatch.setattr(nifti, "_decode", no_decoding)
+  warm = data.load_dataset(synth_task, config, cache_dir=cache_dir,
+                           progress=False)
+  assert warm.from_cache and warm.cache_path == cold.cache_path
+  np.testing.assert_array_equal(warm.images, cold.images)
+  np.testing.assert_array_equal(warm.labels, cold.labels)
+  np.testing.assert_array_equal(warm.meta[3].affine, cold.meta[3].affine)
+  assert warm.meta[3].original_shape == (20, 18, 16)
+  assert entries(cache_dir) == [cold.cache_path]
+
+
+@pytest.mark.parametrize("change", ["shape", "label_mode", "modalities",
+                                    "touch"])
+def test_changed_setting_invalidates_the_cache(tmp_path, cache_dir, change):
+  root = write_task(tmp_path / "Task01_Multi",
+                    {f"case_{i}": ramp_case(seed=i) for i in range(2)},
+                    modality=("FLAIR", "T1w"),
+                    labels=("background", "edema", "tumour"))
+  config = data.PreprocessConfig(shape=(9, 11, 7))
+  first = data.load_dataset(root, config, cache_dir=cache_dir, progress=False)
+  if change == "touch":
+    label = root / "labelsTr/case_1.nii.gz"
+    stat = label.stat()
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  else:
+    value = {"shape": (9, 11, 8), "label_mode": "onehot",
+             "modalities": ("T1w",)}[change]
+    config = data.PreprocessConfig(**{"shape": config.shape, change: value})
+  second = data.load_dataset(root, config, cache_dir=cache_dir,
+                             progress=False)
+  assert not second.from_cache
+  assert second.cache_path != first.cache_path
+  assert len(entries(cache_dir)) == 2
+
+
+def test_interrupted_build_leaves_no_cache_entry(synth_task, cache_dir,
+                                                 monkeypatch):
+  config = data.PreprocessConfig(shape=(12, 10, 8))
+  calls = []
+  preprocess = data.preprocess
+
+  def failing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return preprocess(*args, **kwargs)
+
+  # Patched where load_dataset looks it up, in topojax.data.cache.
+  monkeypatch.setattr(cache, "preprocess", failing)
+  with pytest.raises(KeyboardInterrupt):
+    data.load_dataset(synth_task, config, cache_dir=cache_dir, progress=False)
+  assert entries(cache_dir) == []
+  monkeypatch.setattr(cache, "preprocess", preprocess)
+  dataset = data.load_dataset(synth_task, config, cache_dir=cache_dir,
+                              progress=False)
+  assert not dataset.from_cache and len(entries(cache_dir)) == 1
+
+
+def test_cli_prepare(synth_task, cache_dir, capsys):
+  argv = ["prepare", str(synth_task), "--shape", "10", "9", "8",
+          "--cache-dir", str(cache_dir)]
+  assert cli.main(argv) == 0
+  assert "decoded NIfTI" in capsys.readouterr().out
+  assert cli.main(argv) == 0
+  assert "cache hit" in capsys.readouterr().out
+  assert cli.main(argv[:2]) == 2
+  assert "--shape is required" in capsys.readouterr().err

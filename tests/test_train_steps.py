@@ -1,0 +1,47 @@
+"""Tests for topojax/train/steps.py: the training loss by name."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from topojax import losses
+from topojax import train
+
+
+def test_make_loss():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
+  labels = (rng.random((2, 8, 8, 8, 1)) > 0.5).astype(np.float32)
+  probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  overlap = (probs * labels).sum(axis=(1, 2, 3, 4))
+  total = probs.sum(axis=(1, 2, 3, 4)) + labels.sum(axis=(1, 2, 3, 4))
+  # Soft Dice with smoothing 1 (optax's default), averaged over the batch.
+  expected = np.mean(1 - (overlap + 1) / (total / 2 + 1))
+  dice = train.make_loss("dice", dice_weight=2.0, kernel_sizes=(2, 4))
+  np.testing.assert_allclose(dice(logits, labels), expected, rtol=1e-5)
+  topo = train.make_loss("topo_dice", dice_weight=2.0, kernel_sizes=(2, 4))
+  ppl = losses.projected_pooling_loss(probs.astype(np.float32), labels,
+                                      kernel_sizes=(2, 4))
+  np.testing.assert_allclose(topo(logits, labels), ppl + 2 * expected,
+                             rtol=1e-5)
+  # Every topological loss is L_topo(probabilities) + λ·Dice.
+  for name, topology_loss in (
+      ("ppl", functools.partial(losses.projected_pooling_loss,
+                                kernel_sizes=(2, 4))),
+      ("ppl_norm", functools.partial(losses.projected_pooling_loss,
+                                     kernel_sizes=(2, 4), normalize=True)),
+      ("cldice", losses.cldice_loss), ("hutopo", losses.hutopo_loss)):
+    loss = train.make_loss(name, dice_weight=2.0, kernel_sizes=(2, 4))
+    np.testing.assert_allclose(
+        loss(logits, labels),
+        topology_loss(probs.astype(np.float32), labels) + 2 * expected,
+        rtol=1e-5)
+  normalized = train.make_loss("topo_dice", dice_weight=2.0,
+                               kernel_sizes=(2, 4), normalize=True)
+  np.testing.assert_allclose(
+      normalized(logits, labels),
+      train.make_loss("ppl_norm", dice_weight=2.0, kernel_sizes=(2, 4))(
+          logits, labels), rtol=1e-6)
+  with pytest.raises(ValueError, match="loss must be one of"):
+    train.make_loss("tversky", dice_weight=1.0, kernel_sizes=(2,))

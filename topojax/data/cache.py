@@ -1,0 +1,208 @@
+"""A task's preprocessed cases, cached on disk as memory-mapped ``.npy``.
+
+``load_dataset`` preprocesses every labelled case of a task and caches the
+result in a folder keyed by the settings and the files it came from, so only
+the first run ever decodes NIfTI; later runs map the cached arrays. Its
+``Dataset`` holds channels-last float32 arrays:
+
+* images ``(num_cases, X, Y, Z, C_in)`` in [0, 1], ``C_in`` = selected
+  modalities;
+* labels ``(num_cases, X, Y, Z, C_out)`` in {0, 1}: ``C_out = 1`` for
+  ``label_mode="binary"`` and ``K`` for ``label_mode="onehot"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+import numpy as np
+import tqdm
+
+from topojax.data.msd import Task
+from topojax.data.msd import _modality_indices
+from topojax.data.msd import read_task
+from topojax.data.nifti import CaseMeta
+from topojax.data.nifti import _open_case
+from topojax.data.nifti import load_case
+from topojax.data.preprocessing import PreprocessConfig
+from topojax.data.preprocessing import preprocess
+
+# Bump when preprocessing changes what it writes, so old cache entries are
+# never mistaken for new ones.
+_CACHE_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """Every case of a task, preprocessed; arrays are read-only memory maps.
+
+  Attributes:
+    task: the task folder it came from.
+    config: the preprocessing applied.
+    case_ids: case names; row ``i`` of ``images`` and ``labels`` is
+      ``case_ids[i]``.
+    images: ``(num_cases, X, Y, Z, C_in)`` float32 in [0, 1].
+    labels: ``(num_cases, X, Y, Z, C_out)`` float32 in {0, 1}.
+    meta: per-case original shape, affine, spacing and paths.
+    cache_path: the cache entry folder the arrays live in.
+    from_cache: whether the entry existed already (no NIfTI was decoded).
+  """
+  task: Task
+  config: PreprocessConfig
+  case_ids: tuple[str, ...]
+  images: np.ndarray
+  labels: np.ndarray
+  meta: tuple[CaseMeta, ...]
+  cache_path: pathlib.Path
+  from_cache: bool
+
+  @property
+  def modality_indices(self) -> tuple[int, ...]:
+    """Index in ``task.modalities`` of each image channel, in channel order."""
+    return _modality_indices(self.task, self.config.modalities)
+
+  def indices(self, case_ids: Sequence[str]) -> np.ndarray:
+    """Row indices of ``case_ids``, e.g. of ``Split.train``, as int64."""
+    rows = {case_id: i for i, case_id in enumerate(self.case_ids)}
+    missing = [c for c in case_ids if c not in rows]
+    if missing:
+      raise ValueError(f"case ids not in the dataset of {self.task.root}: "
+                       f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return np.array([rows[c] for c in case_ids], dtype=np.int64)
+
+
+def _default_cache_dir() -> pathlib.Path:
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "topojax"
+
+
+def _cache_key(task: Task, config: PreprocessConfig,
+               channels: tuple[int, ...]) -> str:
+  """Hash of everything the cached arrays depend on."""
+  files = []
+  for case in task.cases:
+    for path in (case.image_path, case.label_path):
+      stat = path.stat()
+      files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+  settings = {
+      "format": _CACHE_FORMAT,
+      "shape": config.shape,
+      "channels": channels,
+      "label_mode": config.label_mode,
+      "label_names": task.label_names,
+      "cases": [case.case_id for case in task.cases],
+      "files": files,
+  }
+  return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+
+
+def _open_entry(task: Task, config: PreprocessConfig, entry: pathlib.Path,
+                from_cache: bool) -> Dataset:
+  meta = json.loads((entry / "meta.json").read_text())
+  return Dataset(
+      task=task, config=config, case_ids=tuple(meta["case_ids"]),
+      images=np.load(entry / "images.npy", mmap_mode="r"),
+      labels=np.load(entry / "labels.npy", mmap_mode="r"),
+      meta=tuple(CaseMeta.from_json(m) for m in meta["cases"]),
+      cache_path=entry, from_cache=from_cache)
+
+
+def load_dataset(task_dir: str | os.PathLike, config: PreprocessConfig, *,
+                 cache_dir: str | os.PathLike | None = None,
+                 progress: bool = True) -> Dataset:
+  """Every labelled case of a task, preprocessed, from the cache if valid.
+
+  The cache entry is a folder ``<cache_dir>/<task folder>-<key>`` holding
+  ``images.npy``, ``labels.npy`` and ``meta.json``. ``key`` hashes the
+  preprocessing settings, the case list and each file's path, size and
+  modification time, so changing any of them makes a new entry. An entry is
+  written under a temporary name and renamed into place when complete: an
+  interrupted run never leaves a half-written entry behind to be read.
+  Entries are never deleted; removing the cache folder is always safe.
+
+  Args:
+    task_dir: an MSD task folder.
+    config: the preprocessing.
+    cache_dir: where entries live; ``None`` is ``$XDG_CACHE_HOME/topojax``
+      (``~/.cache/topojax``).
+    progress: show a progress bar while decoding cases.
+
+  Returns:
+    The ``Dataset``; its arrays are read-only memory maps of the entry.
+
+  Raises:
+    FileNotFoundError, ValueError: as ``read_task`` and ``load_case``; every
+      header is checked before any voxel is decoded, and nothing is left in
+      the cache.
+  """
+  task = read_task(task_dir)
+  channels = _modality_indices(task, config.modalities)
+  cache_dir = (_default_cache_dir() if cache_dir is None
+               else pathlib.Path(cache_dir))
+  key = _cache_key(task, config, channels)
+  entry = cache_dir / f"{task.root.name}-{key[:20]}"
+  if (entry / "meta.json").is_file():
+    return _open_entry(task, config, entry, from_cache=True)
+  for case in task.cases:  # Headers first: bad shapes fail in seconds.
+    _open_case(task, case)
+
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  tmp = cache_dir / f".{entry.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+  tmp.mkdir()
+  try:
+    _write_entry(task, config, channels, tmp, progress=progress)
+    _move_into_place(tmp, entry)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return _open_entry(task, config, entry, from_cache=False)
+
+
+def _write_entry(task: Task, config: PreprocessConfig,
+                 channels: tuple[int, ...], tmp: pathlib.Path, *,
+                 progress: bool) -> None:
+  """Preprocesses every case into the folder ``tmp``, ``meta.json`` last.
+
+  ``meta.json`` is written after the arrays are flushed, so its presence
+  marks a complete entry.
+  """
+  num_labels = len(task.label_names)
+  out_channels = 1 if config.label_mode == "binary" else num_labels
+  images = np.lib.format.open_memmap(
+      tmp / "images.npy", mode="w+", dtype=np.float32,
+      shape=(len(task.cases), *config.shape, len(channels)))
+  labels = np.lib.format.open_memmap(
+      tmp / "labels.npy", mode="w+", dtype=np.float32,
+      shape=(len(task.cases), *config.shape, out_channels))
+  metas = []
+  for i, case in enumerate(tqdm.tqdm(task.cases, desc=f"preprocessing "
+                                     f"{task.root.name}", unit="case",
+                                     disable=not progress)):
+    image, label, meta = load_case(task, case, modalities=channels)
+    images[i], labels[i] = preprocess(image, label, config,
+                                      num_labels=num_labels)
+    metas.append(meta.to_json())
+  images.flush()
+  labels.flush()
+  del images, labels
+  (tmp / "meta.json").write_text(json.dumps(
+      {"task": str(task.root), "config": dataclasses.asdict(config),
+       "case_ids": [case.case_id for case in task.cases], "cases": metas}))
+
+
+def _move_into_place(tmp: pathlib.Path, entry: pathlib.Path) -> None:
+  """Renames the complete ``tmp`` folder to ``entry``, atomically."""
+  try:
+    os.replace(tmp, entry)
+  except OSError:
+    # Another run finished the same entry first; theirs is as good.
+    if not (entry / "meta.json").is_file():
+      raise
+    shutil.rmtree(tmp)

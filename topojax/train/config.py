@@ -1,0 +1,210 @@
+"""Training configuration: the losses, one phase's settings and a run's.
+
+A run is configured by a JSON file per task (``experiments/configs/``)
+holding a ``TrainConfig``, whose ``phase1`` and ``phase2`` are
+``PhaseConfig``s; ``load_config`` reads it. Every value is checked when the
+dataclass is made, so a bad file raises a ``ValueError`` naming the field
+before anything is loaded or traced.
+
+Loss names: ``LOSSES`` are the ones a phase can train with;
+``resolve_loss`` maps the older name ``"topo_dice"`` onto them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+from topojax import data
+from topojax import losses
+from topojax import unet
+
+# Losses a phase can train with: Dice alone, or a topological loss + λ·Dice.
+LOSSES = ("dice", "ppl", "ppl_norm", "cldice", "hutopo", "betti_matching",
+          "skeleton_recall")
+# The name "ppl" had before the family grew; with TrainConfig.normalize it
+# still selects the normalised form.
+_LEGACY_PPL = "topo_dice"
+
+
+def check_loss_name(name: str, argument: str) -> None:
+  """Raises a ``ValueError`` naming ``argument`` unless ``name`` is a loss.
+
+  ``name`` may be one of ``LOSSES`` or the older ``"topo_dice"``.
+  """
+  if name not in LOSSES and name != _LEGACY_PPL:
+    raise ValueError(f"{argument} must be one of {LOSSES}, got {name!r}")
+
+
+def resolve_loss(name: str, *, normalize: bool = False) -> str:
+  """The name in ``LOSSES`` that ``name`` trains with (``"topo_dice"`` is
+  ``"ppl"``, or ``"ppl_norm"`` with ``normalize``)."""
+  check_loss_name(name, "loss")
+  if name == _LEGACY_PPL:
+    return "ppl_norm" if normalize else "ppl"
+  return name
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PhaseConfig:
+  """One training phase.
+
+  Attributes:
+    loss: ``"dice"`` (``losses.dice_loss``) or a topological loss
+      ``L_topo`` trained as ``L_topo + λ·L_dice``
+      (``losses.with_dice_loss``, λ = ``TrainConfig.dice_weight``):
+      ``"ppl"``, the Projected Pooling Loss at the published scale;
+      ``"ppl_norm"``, the same per pooled cell; ``"cldice"``, clDice;
+      ``"hutopo"``, the persistent-homology loss of Hu et al.;
+      ``"betti_matching"``, Betti matching (Stucki et al.);
+      ``"skeleton_recall"``, Skeleton Recall (Kirchhoff et al.), on tubes
+      around the labels' skeletons computed once per phase. The older
+      name ``"topo_dice"`` means ``"ppl"``, or ``"ppl_norm"`` when
+      ``TrainConfig.normalize`` is set.
+    epochs: passes over the training cases at most.
+    learning_rate: Adam's step size, constant.
+    patience: stop after this many epochs without a better validation Dice;
+      ``None`` runs every epoch (the best epoch is still the one kept).
+  """
+  loss: str
+  epochs: int
+  learning_rate: float
+  patience: int | None = None
+
+  def __post_init__(self):
+    check_loss_name(self.loss, "loss")
+    if not isinstance(self.epochs, int) or self.epochs < 1:
+      raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+    if not self.learning_rate > 0:
+      raise ValueError(
+          f"learning_rate must be positive, got {self.learning_rate!r}")
+    if self.patience is not None and (not isinstance(self.patience, int)
+                                      or self.patience < 1):
+      raise ValueError(
+          f"patience must be a positive int or null, got {self.patience!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Everything that defines a training run, as stored in a config file.
+
+  Attributes:
+    shape: ``(X, Y, Z)`` every case is resized to, in voxels; each side a
+      multiple of ``2^(depth - 1)``.
+    modalities: image channels to keep (``data.PreprocessConfig``).
+    label_mode: ``"binary"`` (sigmoid output) or ``"onehot"`` (softmax).
+    flip_axes: spatial axes randomly flipped during training (0 = X).
+    split_seed: seed of the train/validation/test split; fixed per task, so
+      every training seed sees the same test cases.
+    seed: seed of the initial weights and of the batch order.
+    base_channels: U-Net width at full resolution.
+    depth: U-Net resolution levels.
+    norm: ``"batch"``, ``"group"`` or ``"instance"``.
+    batch_size: cases per step, a multiple of the device count.
+    dice_weight: λ in ``L_topo + λ L_dice``, for every topological loss.
+    normalize: makes the loss ``"topo_dice"`` (the older name of ``"ppl"``)
+      the normalised ``"ppl_norm"``; other names ignore it.
+    kernel_sizes: PPL pooling kernel sizes, in voxels; also used for the
+      validation topological loss (the PPL whatever the phase's loss).
+    phase1: pre-training.
+    phase2: fine-tuning from phase 1's best checkpoint.
+    description: free text, e.g. where the values come from.
+  """
+  shape: tuple[int, int, int]
+  modalities: tuple[int | str, ...] | None = None
+  label_mode: str = "binary"
+  flip_axes: tuple[int, ...] = ()
+  split_seed: int = 0
+  seed: int = 0
+  base_channels: int = 16
+  depth: int = 4
+  norm: str = "group"
+  batch_size: int = 2
+  dice_weight: float = 1.0
+  normalize: bool = False
+  kernel_sizes: tuple[int, ...] = losses.DEFAULT_KERNEL_SIZES
+  phase1: PhaseConfig = PhaseConfig(loss="dice", epochs=150,
+                                    learning_rate=1e-3)
+  phase2: PhaseConfig = PhaseConfig(loss="ppl", epochs=150,
+                                    learning_rate=1e-4)
+  description: str = ""
+
+  def __post_init__(self):
+    for name in ("shape", "flip_axes", "kernel_sizes"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.modalities is not None:
+      object.__setattr__(self, "modalities", tuple(self.modalities))
+    for name in ("phase1", "phase2"):
+      value = getattr(self, name)
+      if isinstance(value, dict):
+        object.__setattr__(self, name, PhaseConfig(**value))
+    # The data module checks shape, modalities and label_mode.
+    self.preprocess_config()
+    unet.check_spatial_shape(self.shape, self.depth)
+    if self.norm not in unet.NORMS:
+      raise ValueError(f"norm must be one of {unet.NORMS}, got {self.norm!r}")
+    for name in ("base_channels", "depth", "batch_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if self.seed < 0 or self.split_seed < 0:
+      raise ValueError(f"seed and split_seed must be non-negative, got "
+                       f"{self.seed} and {self.split_seed}")
+    if self.dice_weight < 0:
+      raise ValueError(f"dice_weight must be >= 0, got {self.dice_weight}")
+    if not isinstance(self.normalize, bool):
+      raise ValueError(f"normalize must be true or false, got "
+                       f"{self.normalize!r}")
+    if (not self.kernel_sizes or min(self.kernel_sizes) < 1
+        or max(self.kernel_sizes) > min(self.shape)):
+      raise ValueError(
+          f"kernel_sizes {self.kernel_sizes} must be positive, non-empty and "
+          f"fit in every projected plane of shape {self.shape}")
+
+  def preprocess_config(self) -> data.PreprocessConfig:
+    return data.PreprocessConfig(shape=self.shape, modalities=self.modalities,
+                                 label_mode=self.label_mode)
+
+  def to_json(self) -> dict[str, Any]:
+    """The fields as JSON values (tuples become lists), as in config files."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+  """Reads a ``TrainConfig`` from a JSON file.
+
+  Keys are ``TrainConfig``'s fields; ``phase1`` and ``phase2`` are objects
+  with ``PhaseConfig``'s fields. Missing keys keep their defaults.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not JSON, an unknown key, or an invalid value.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {path} not found")
+  try:
+    spec = json.loads(path.read_text())
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{path}: not valid JSON ({err})") from None
+  if not isinstance(spec, dict):
+    raise ValueError(f"{path}: expected a JSON object of TrainConfig fields")
+  for fields, where in ((spec, ""), (spec.get("phase1"), "phase1."),
+                        (spec.get("phase2"), "phase2.")):
+    if fields is None:
+      continue
+    if not isinstance(fields, dict):
+      raise ValueError(f"{path}: {where.rstrip('.')} must be an object")
+    known = {f.name for f in dataclasses.fields(
+        TrainConfig if not where else PhaseConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"{path}: unknown keys {[where + k for k in unknown]}; "
+                       f"expected some of {sorted(known)}")
+  try:
+    return TrainConfig(**spec)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{path}: {err}") from None
