@@ -10,6 +10,9 @@ gradient to its first maximum:
   3D) and ``topolosses``' reduction;
 * Hu et al.'s persistent-homology loss (2019) as ``topolosses`` computes it,
   with the diagrams from cripser and the matching from gudhi.
+* Skeleton Recall (Kirchhoff et al. 2024) as the authors' nnU-Net code
+  computes it: the tubed skeleton of an integer label map, then minus the
+  soft recall.
 """
 
 import importlib
@@ -182,3 +185,48 @@ def numpy_dice_loss(probs, target):
   inter = (probs * target).sum(axes)
   coeff = (inter + 1.0) / ((probs.sum(axes) + target.sum(axes)) / 2 + 1.0)
   return float(np.mean(1.0 - coeff))
+
+
+def tubed_skeleton_label_map(seg, *, do_tube=True):
+  """The authors' tube of an integer label map ``(N, 1, X, Y[, Z])``.
+
+  Per sample: skeleton of ``seg > 0``, two grey dilations by scikit-image's
+  default (face-connected) footprint, times the label map, so that each tube
+  voxel carries its class and none lies in the background.
+  """
+  from skimage.morphology import dilation, skeletonize
+  tubes = np.zeros(seg.shape, np.int16)
+  for n in range(seg.shape[0]):
+    foreground = seg[n, 0] > 0
+    if not foreground.any():
+      continue
+    skeleton = skeletonize(foreground).astype(np.int16)
+    if do_tube:
+      skeleton = dilation(dilation(skeleton))
+    tubes[n, 0] = skeleton * seg[n, 0].astype(np.int16)
+  return tubes
+
+
+def skeleton_recall_loss(pred, skeleton, *, smooth=1e-5, start_channel=1,
+                         batch_dice=False):
+  """The authors' ``SoftSkeletonRecallLoss`` on probabilities: minus the mean
+  recall of ``pred`` on the tube.
+
+  ``skeleton``: the tube, one-hot of ``pred``'s shape, or a label map
+  ``(N, 1, ...)`` that is one-hot encoded here (as the authors do). The
+  authors always drop channel 0; ``start_channel`` generalises that to a
+  single sigmoid channel (0).
+  """
+  spatial = tuple(range(2, pred.dim()))
+  with torch.no_grad():
+    if skeleton.shape != pred.shape:
+      one_hot = torch.zeros(pred.shape, dtype=pred.dtype)
+      one_hot.scatter_(1, skeleton.long(), 1)
+      skeleton = one_hot
+    skeleton = skeleton[:, start_channel:]
+    total = skeleton.sum(spatial)
+  covered = (pred[:, start_channel:] * skeleton).sum(spatial)
+  if batch_dice:
+    covered, total = covered.sum(0), total.sum(0)
+  recall = (covered + smooth) / torch.clip(total + smooth, 1e-8)
+  return -recall.mean()
