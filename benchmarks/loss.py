@@ -10,9 +10,12 @@ then the median of several repeats) of:
 * the PyTorch reference of the tests (``tests/torch_reference.py``);
 * topojax's clDice, and the tests' PyTorch transcription of the authors'
   3D soft skeleton (``topolosses``' ``CLDiceLoss`` takes 2D input only);
-* topojax's persistent-homology loss (Hu et al.), and the persistent-homology
-  losses of ``topolosses`` (Betti matching, Hu et al.'s TopoLoss), when
-  installed; these three within a time budget each;
+* topojax's Skeleton Recall loss, with the tubed skeleton of the label
+  computed once beforehand (``tubed_skeleton``), as a training loop would;
+* topojax's persistent-homology losses (Hu et al.; Betti matching, on
+  topojax's own compiled kernel), and the persistent-homology losses of
+  ``topolosses`` (Betti matching, Hu et al.'s TopoLoss), when installed;
+  these four within a time budget each;
 * a NumPy copy of the prediction's bytes, the memory floor;
 
 for volumes from 32³ to the paper's 160×160×128, batch 1 and 2, on whatever
@@ -61,12 +64,14 @@ FAST, FEATURES, REFERENCE, TORCH, FLOOR = (
     "topojax", "topojax, precomputed target", "topojax reference path",
     "PyTorch reference", "NumPy copy (floor)")
 CLDICE, CLDICE_TORCH = "topojax clDice", "clDice, PyTorch"
+SKELETON = "topojax Skeleton Recall"
 PH, BETTI, HUTOPO = ("topojax PH (Hu et al.)", "Betti matching",
                      "Hu et al. TopoLoss")
+BETTI_JAX = "topojax Betti matching"
 # topolosses' classes, in tests/torch_reference.TOPOLOSSES.
 PEERS = {BETTI: "BettiMatchingLoss", HUTOPO: "HutopoLoss"}
 # Persistent homology grows faster than the volume: these get a time budget.
-SLOW = (PH, BETTI, HUTOPO)
+SLOW = (PH, BETTI_JAX, BETTI, HUTOPO)
 # topolosses 0.2.0's CLDiceLoss raises on anything but (N, C, H, W).
 CLDICE_NOTE = ("\"clDice, PyTorch\" is the tests' transcription of the "
                "authors' 3D code: topolosses' CLDiceLoss takes 2D input only")
@@ -122,13 +127,30 @@ def _jax_methods(pred, target):
   for name, loss, label in ((FAST, fast, target), (FEATURES, fast, features),
                             (REFERENCE, reference, target),
                             (CLDICE, losses.cldice_loss, target),
-                            (PH, losses.hutopo_loss, target)):
+                            (PH, losses.hutopo_loss, target),
+                            (BETTI_JAX, losses.betti_matching_loss, target),
+                            *_skeleton_recall(losses, target)):
     forward = jax.jit(loss)
     forward_backward = jax.jit(jax.value_and_grad(loss))
     methods[name] = (
         lambda f=forward, t=label: jax.block_until_ready(f(pred, t)),
         lambda f=forward_backward, t=label: jax.block_until_ready(f(pred, t)))
   return methods
+
+
+def _skeleton_recall(losses, target):
+  """``[(SKELETON, loss, tube)]`` if this topojax has Skeleton Recall, else [].
+
+  The tube is made once, on the host, as a training loop would; it is
+  passed as the loss's target and its ``skeleton`` both (the target is
+  read only when no skeleton is given).
+  """
+  if not hasattr(losses, "skeleton_recall_loss"):
+    return []
+  tube = losses.tubed_skeleton(target)
+  loss = lambda pred, skeleton: losses.skeleton_recall_loss(
+      pred, skeleton, skeleton=skeleton)
+  return [(SKELETON, loss, tube)]
 
 
 def _load_torch_reference():
@@ -233,7 +255,7 @@ def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
       methods[CLDICE_TORCH] = _torch_thunks(functools.partial(
           torch_reference.cldice_loss, start_channel=0), pred, target)
       if not peers:
-        del methods[PH]
+        del methods[PH], methods[BETTI_JAX]
       copy = np.empty_like(pred)
       methods[FLOOR] = (None, lambda: np.copyto(copy, pred))
       for name, cls in peer_classes.items():
@@ -354,6 +376,11 @@ def summary(records):
       str(shape): fb(table[(shape, HUTOPO)]) / fb(table[(shape, PH)])
       for shape in shapes
       if fb(table.get((shape, HUTOPO))) and fb(table.get((shape, PH)))}
+  # The same Betti matching loss, topolosses' and topojax's kernel.
+  out["betti_over_topojax_betti"] = {
+      str(shape): fb(table[(shape, BETTI)]) / fb(table[(shape, BETTI_JAX)])
+      for shape in shapes
+      if fb(table.get((shape, BETTI))) and fb(table.get((shape, BETTI_JAX)))}
   per_voxel = [fb(table.get((s, FAST))) / np.prod(s) for s in shapes
                if fb(table.get((s, FAST)))]
   out["fast_per_voxel_spread"] = (max(per_voxel) / min(per_voxel)
@@ -371,7 +398,8 @@ def markdown(records, env):
   shapes = sorted({tuple(r["shape"]) for r in records},
                   key=lambda s: (s[0], np.prod(s)))
   methods = [m for m in (FAST, FEATURES, REFERENCE, TORCH, CLDICE,
-                         CLDICE_TORCH, PH, HUTOPO, BETTI, FLOOR)
+                         CLDICE_TORCH, SKELETON, PH, HUTOPO, BETTI_JAX,
+                         BETTI, FLOOR)
              if any(r["method"] == m for r in records)]
   versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
   lines = [
@@ -441,7 +469,12 @@ def markdown(records, env):
       "- The same persistent-homology loss, topolosses' HutopoLoss ÷ "
       "topojax's: " + (", ".join(f"{shape} {fmt(v)}" for shape, v in
                                  s["hutopo_over_ph"].items())
-                       or "not measured") + ".", "", SECTION_END]
+                       or "not measured") + ".",
+      "- The same Betti matching loss, topolosses Betti matching ÷ topojax "
+      "Betti matching: " + (", ".join(
+          f"{shape} {fmt(v)}" for shape, v in
+          s["betti_over_topojax_betti"].items()) or "not measured") + ".",
+      "", SECTION_END]
   return "\n".join(lines) + "\n"
 
 

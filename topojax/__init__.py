@@ -17,6 +17,7 @@ _PUBLIC = {
         "DEFAULT_KERNEL_SIZES", "TargetFeatures", "cldice_loss", "dice_loss",
         "hutopo_loss", "max_pool_2d", "pooled_target_features", "project",
         "projected_pooling_loss", "soft_skeleton", "topo_dice_loss",
+        "skeleton_recall_loss", "tubed_skeleton", "betti_matching_loss",
         "with_dice_loss"),
     "topojax.metrics": (
         "betti_numbers", "case_metrics", "connected_component_error_2d",
