@@ -83,6 +83,118 @@ def test_matches_topolosses_float32(name):
                              atol=1e-5 * np.abs(expected_grad).max())
 
 
+# Predictions full of ties, where which voxel takes a pool's gradient is
+# decided by the first-extremum rule and a tie in the erosion's minimum
+# halves the gradient: binary, saturated (clipped) and few-level ones.
+TIED = {
+    "binary": lambda p: (p < 0.5).astype(np.float64),
+    "saturated": lambda p: np.clip(3 * p - 1, 0, 1),
+    "four_levels": lambda p: np.round(3 * p) / 3,
+}
+TIED_CASES = [(name, kind) for name in ("2d_1ch", "2d_3ch", "3d_1ch",
+                                        "3d_2ch", "3d_0_iterations")
+              for kind in TIED]
+
+
+def _tied_case(name, kind):
+  shape, kwargs = CASES[name]
+  pred, target = _case(shape, seed=len(name) + len(kind))
+  return shape, kwargs, TIED[kind](pred), target
+
+
+@pytest.mark.parametrize("name,kind", TIED_CASES)
+def test_tied_predictions_match_torch_reference_float64(name, kind):
+  shape, kwargs, pred, target = _tied_case(name, kind)
+  expected, expected_grad = torch_reference.value_and_grad(
+      torch_reference.cldice_loss, pred, target,
+      **{**kwargs, "start_channel": _default_start(shape, kwargs)})
+  with jax.enable_x64(True):
+    value, grad = jax.value_and_grad(functools.partial(
+        cldice.cldice_loss, **kwargs))(pred, target)
+  np.testing.assert_allclose(float(value), expected, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=0,
+                             atol=1e-12 * np.abs(expected_grad).max())
+  assert np.abs(expected_grad).max() > 0
+
+
+@pytest.mark.parametrize("kind", list(TIED))
+def test_tied_predictions_match_topolosses_float32(kind):
+  cldice_class = torch_reference.topolosses_class("CLDiceLoss")
+  if cldice_class is None:
+    pytest.skip("topolosses is not installed (pip install -e '.[test]')")
+  _, _, pred, target = _tied_case("2d_3ch", kind)
+  pred, target = pred.astype(np.float32), target.astype(np.float32)
+  peer = cldice_class(iter_=3, use_base_loss=False, alpha=1.0)
+  expected, expected_grad = torch_reference.value_and_grad(
+      peer, pred, target, dtype=torch.float32)
+  value, grad = jax.value_and_grad(cldice.cldice_loss)(pred, target)
+  np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=0,
+                             atol=1e-5 * np.abs(expected_grad).max())
+
+
+@pytest.mark.parametrize("name,kind", [(name, kind) for name in CASES
+                                       for kind in (None, *TIED)])
+def test_fast_path_matches_reference_path(name, kind):
+  shape, kwargs = CASES[name]
+  pred, target = _case(shape, seed=len(name))
+  if kind is not None:
+    pred = TIED[kind](pred)
+  settings = dict(iterations=kwargs.get("iterations", 3),
+                  smooth=kwargs.get("smooth", 1e-5),
+                  start_channel=_default_start(shape, kwargs))
+  with jax.enable_x64(True):
+    # Same maxima and minima: the skeletons agree bit for bit.
+    np.testing.assert_array_equal(
+        cldice._soft_skeleton(jnp.asarray(pred), settings["iterations"]),
+        cldice._reference_soft_skeleton(jnp.asarray(pred),
+                                        settings["iterations"]))
+    value, grad = jax.value_and_grad(functools.partial(
+        cldice._cldice_loss, **settings))(pred, target)
+    expected, expected_grad = jax.value_and_grad(functools.partial(
+        cldice._reference_loss, **settings))(pred, target)
+  np.testing.assert_allclose(float(value), float(expected), rtol=1e-14)
+  # The gradients go to the same voxels with the same weights; only the
+  # order in which contributions are summed differs.
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad),
+                             rtol=0,
+                             atol=1e-13 * np.abs(expected_grad).max())
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 2, 1), (2, 2, 1, 3, 2),
+                                   (1, 1, 1, 1, 1), (1, 2, 1, 1),
+                                   (1, 1, 7, 2)])
+def test_fast_path_matches_reference_path_on_thin_volumes(shape):
+  # Axes of one or two voxels: every window is clipped by the border.
+  pred, target = _case(shape, seed=sum(shape))
+  pred = np.round(3 * pred) / 3  # Ties too.
+  with jax.enable_x64(True):
+    value, grad = jax.value_and_grad(functools.partial(
+        cldice._cldice_loss, iterations=3, smooth=1e-5, start_channel=0))(
+            pred, target)
+    expected, expected_grad = jax.value_and_grad(functools.partial(
+        cldice._reference_loss, iterations=3, smooth=1e-5,
+        start_channel=0))(pred, target)
+  np.testing.assert_allclose(float(value), float(expected), rtol=1e-14)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad),
+                             rtol=0, atol=1e-13)
+
+
+def test_pools_keep_borders_and_route_to_the_first_extremum():
+  # A constant volume ties every window: all of a dilation's gradient goes
+  # to the first voxel of each window in row-major order, and the erosion
+  # halves its gradient between tied axes.
+  x = jnp.ones((1, 4, 5, 3, 1))
+  for pool, reference in ((cldice._dilate, cldice._soft_dilate),
+                          (cldice._erode, cldice._soft_erode)):
+    cotangent = jnp.asarray(
+        np.random.default_rng(0).random(x.shape), jnp.float32)
+    np.testing.assert_array_equal(pool(x), reference(x))
+    np.testing.assert_allclose(
+        jax.vjp(pool, x)[1](cotangent)[0],
+        jax.vjp(reference, x)[1](cotangent)[0], rtol=1e-6)
+
+
 def test_skeleton_of_a_one_voxel_line_is_the_line():
   # Erosion removes a 1-voxel-wide line, so the opening is empty and the
   # first residue is the line itself.

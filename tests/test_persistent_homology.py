@@ -152,12 +152,57 @@ def test_nan_gives_nan():
   assert np.isnan(float(ph.hutopo_loss(pred, target)))
 
 
+@pytest.mark.parametrize("shape", [(3, 9, 8, 10, 2), (4, 14, 13, 1)])
+def test_parallel_workers_give_the_serial_answer_exactly(shape):
+  pred, target = _case(shape, seed=11)
+  pred = pred.astype(np.float32)
+  results = {
+      workers: jax.value_and_grad(functools.partial(
+          ph.hutopo_loss, start_channel=0, num_workers=workers))(pred, target)
+      for workers in (1, 2, 3, 16, None)}
+  value, grad = results[1]
+  assert np.count_nonzero(np.asarray(grad)) > 0
+  for workers, (other_value, other_grad) in results.items():
+    assert float(other_value) == float(value), workers
+    np.testing.assert_array_equal(np.asarray(other_grad), np.asarray(grad),
+                                  err_msg=f"num_workers={workers}")
+
+
+def test_parallel_host_tables_equal_the_serial_ones():
+  pred, target = _case((2, 3, 7, 8, 6), seed=12)
+  f_pred, f_target = 1 - pred, 1 - target
+  serial = ph._host_matchings(f_pred, f_target, spatial_rank=3,
+                              num_workers=1)
+  parallel = ph._host_matchings(f_pred, f_target, spatial_rank=3,
+                                num_workers=4)
+  for ours, theirs in zip(parallel, serial):
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_failing_item_raises_with_workers(monkeypatch):
+  pred, target = _case((3, 6, 7, 1), seed=13)
+
+  def refuse(*args):
+    raise RuntimeError("hutopo_loss: too many pairs")
+
+  monkeypatch.setattr(ph, "_matching_table", refuse)
+  with pytest.raises(RuntimeError, match="too many pairs"):
+    ph._host_matchings(1 - pred[..., 0], 1 - target[..., 0], spatial_rank=2,
+                       num_workers=2)
+
+
 BAD_INPUTS = {
     "rank 3": (dict(pred=(4, 16, 1)), "rank 3"),
     "shape mismatch": (dict(target=(1, 8, 8, 7, 1)), "same shape"),
     "integer pred": (dict(pred_dtype=np.int32), "pred must be a floating"),
     "empty batch": (dict(pred=(0, 8, 8, 8, 1)), "at least one sample"),
     "start_channel too large": (dict(start_channel=2), "start_channel"),
+    "zero workers": (dict(num_workers=0), "num_workers"),
+    "negative workers": (dict(num_workers=-2), "num_workers"),
+    "fractional workers": (dict(num_workers=2.5), "num_workers"),
+    "bool workers": (dict(num_workers=True), "num_workers"),
+    "string workers": (dict(num_workers="2"), "num_workers"),
 }
 
 
