@@ -1,7 +1,8 @@
 """topojax: topology-aware 3D medical image segmentation in JAX/Flax.
 
 Built around the Projected Pooling Loss of Fu et al., SPIE Medical Imaging
-2023, beside clDice and a persistent-homology loss on the same conventions.
+2023, beside clDice, the persistent-homology losses of Hu et al. and of
+Betti matching, and Skeleton Recall, on the same conventions.
 Arrays are channels-last: 3D ``(N, X, Y, Z, C)``, 2D ``(N, X, Y, C)``.
 
 The public names below are imported on first use (PEP 562), so that the
