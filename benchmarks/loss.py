@@ -8,8 +8,10 @@ then the median of several repeats) of:
   (``pooled_target_features``), as a training loop would;
 * topojax's reference path of it (every max a ``reduce_window``);
 * the PyTorch reference of the tests (``tests/torch_reference.py``);
-* topojax's clDice, and the tests' PyTorch transcription of the authors'
-  3D soft skeleton (``topolosses``' ``CLDiceLoss`` takes 2D input only);
+* topojax's clDice, its old path through XLA's pooling gradients
+  (``cldice._reference_loss``), and the tests' PyTorch transcription of the
+  authors' 3D soft skeleton (``topolosses``' ``CLDiceLoss`` takes 2D input
+  only); and the memory of both topojax paths' compiled forward + backward;
 * topojax's Skeleton Recall loss, with the tubed skeleton of the label
   computed once beforehand (``tubed_skeleton``), as a training loop would;
 * topojax's persistent-homology losses (Hu et al.; Betti matching, on
@@ -17,6 +19,8 @@ then the median of several repeats) of:
   ``topolosses`` (Betti matching, Hu et al.'s TopoLoss), when installed;
   these four within a time budget each;
 * a NumPy copy of the prediction's bytes, the memory floor;
+* the host-side losses on one worker thread and on every core, on a
+  training batch (4 × 32³) and a large one (2 × 96³);
 
 for volumes from 32³ to the paper's 160×160×128, batch 1 and 2, on whatever
 JAX backend is present. Prints a table with ratios, writes JSON and a log-log
@@ -55,6 +59,9 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION_START = "<!-- loss benchmark: start (written by python -m benchmarks.loss) -->"
 SECTION_END = "<!-- loss benchmark: end -->"
 
+# The host-parallel comparison: a training batch at 32³ and a large one.
+PARALLEL_SHAPES = ((4, 32, 32, 32, 1), (2, 96, 96, 96, 1))
+CLDICE_MEMORY_SIZES = ((64, 64, 64), (128, 128, 128))
 SIZES = ((32, 32, 32), (64, 64, 64), (96, 96, 96), (128, 128, 128),
          (160, 160, 128))
 BATCHES = (1, 2)
@@ -64,6 +71,9 @@ FAST, FEATURES, REFERENCE, TORCH, FLOOR = (
     "topojax", "topojax, precomputed target", "topojax reference path",
     "PyTorch reference", "NumPy copy (floor)")
 CLDICE, CLDICE_TORCH = "topojax clDice", "clDice, PyTorch"
+# clDice through XLA's generic pooling gradients: topojax's path before the
+# winner-routing custom VJP, kept as cldice._reference_loss.
+CLDICE_OLD = "topojax clDice, old path"
 SKELETON = "topojax Skeleton Recall"
 PH, BETTI, HUTOPO = ("topojax PH (Hu et al.)", "Betti matching",
                      "Hu et al. TopoLoss")
@@ -114,6 +124,7 @@ def _jax_methods(pred, target):
   import jax
 
   from topojax import losses
+  from topojax.losses import cldice
   from topojax.losses import projected_pooling
 
   kernel_sizes = losses.DEFAULT_KERNEL_SIZES
@@ -127,9 +138,11 @@ def _jax_methods(pred, target):
   for name, loss, label in ((FAST, fast, target), (FEATURES, fast, features),
                             (REFERENCE, reference, target),
                             (CLDICE, losses.cldice_loss, target),
+                            (CLDICE_OLD, cldice._reference_loss, target),
                             (PH, losses.hutopo_loss, target),
                             (BETTI_JAX, losses.betti_matching_loss, target),
-                            *_skeleton_recall(losses, target)):
+                            (SKELETON, _skeleton_recall(losses),
+                             losses.tubed_skeleton(target))):
     forward = jax.jit(loss)
     forward_backward = jax.jit(jax.value_and_grad(loss))
     methods[name] = (
@@ -138,19 +151,12 @@ def _jax_methods(pred, target):
   return methods
 
 
-def _skeleton_recall(losses, target):
-  """``[(SKELETON, loss, tube)]`` if this topojax has Skeleton Recall, else [].
-
-  The tube is made once, on the host, as a training loop would; it is
-  passed as the loss's target and its ``skeleton`` both (the target is
-  read only when no skeleton is given).
-  """
-  if not hasattr(losses, "skeleton_recall_loss"):
-    return []
-  tube = losses.tubed_skeleton(target)
-  loss = lambda pred, skeleton: losses.skeleton_recall_loss(
-      pred, skeleton, skeleton=skeleton)
-  return [(SKELETON, loss, tube)]
+def _skeleton_recall(losses):
+  """Skeleton Recall of ``(pred, tube)``: the tube, made once on the host as a
+  training loop would, is passed as the loss's target and its ``skeleton``
+  both (the target is read only when no skeleton is given)."""
+  return lambda pred, tube: losses.skeleton_recall_loss(pred, tube,
+                                                        skeleton=tube)
 
 
 def _load_torch_reference():
@@ -291,6 +297,75 @@ def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
   return records, peers_missing
 
 
+def _alternating(thunks, repeats):
+  """Median seconds of each thunk, called in turn ``repeats`` times after a
+  warm-up, so that a change of load touches every thunk alike."""
+  for thunk in thunks:
+    thunk()
+  times = [[] for _ in thunks]
+  for _ in range(repeats):
+    for thunk, spent in zip(thunks, times):
+      start = time.perf_counter()
+      thunk()
+      spent.append(time.perf_counter() - start)
+  return [statistics.median(spent) for spent in times]
+
+
+def run_host_parallel(*, repeats, log=print):
+  """The host-side losses' forward + backward on one worker and on every core.
+
+  Returns:
+    Records ``{"method", "shape", "workers", "serial_s", "parallel_s"}``.
+  """
+  import jax
+
+  from topojax import losses
+  from topojax.losses import _host
+
+  workers = _host.available_cores()
+  records = []
+  for shape in PARALLEL_SHAPES:
+    pred, target = (jax.device_put(a) for a in make_inputs(shape))
+    for name, loss in ((PH, losses.hutopo_loss),
+                       (BETTI_JAX, losses.betti_matching_loss)):
+      thunks = []
+      for count in (1, workers):
+        f = jax.jit(jax.value_and_grad(functools.partial(
+            loss, num_workers=count)))
+        thunks.append(lambda f=f: jax.block_until_ready(f(pred, target)))
+      serial, parallel = _alternating(thunks, repeats)
+      records.append({"method": name, "shape": list(shape),
+                      "workers": workers, "serial_s": serial,
+                      "parallel_s": parallel})
+      log(f"{str(tuple(shape)):22} {name:30} 1 worker {_ms(serial):>9} ms, "
+          f"{workers} workers {_ms(parallel):>9} ms")
+  return records
+
+
+def cldice_memory(sizes):
+  """Bytes of the compiled clDice forward + backward (temporaries, arguments
+  and outputs, from XLA's ``memory_analysis``), old path and custom VJP."""
+  import jax
+
+  from topojax import losses
+  from topojax.losses import cldice
+
+  records = []
+  for spatial in sizes:
+    pred, target = make_inputs((1, *spatial, 1))
+    for name, loss in ((CLDICE, losses.cldice_loss),
+                       (CLDICE_OLD, cldice._reference_loss)):
+      memory = jax.jit(jax.value_and_grad(loss)).lower(
+          pred, target).compile().memory_analysis()
+      records.append({
+          "method": name, "shape": [1, *spatial, 1],
+          "temp_bytes": memory.temp_size_in_bytes,
+          "total_bytes": (memory.temp_size_in_bytes
+                          + memory.argument_size_in_bytes
+                          + memory.output_size_in_bytes)})
+  return records
+
+
 def _ms(seconds):
   return "–" if seconds is None else f"{seconds * 1e3:.1f}"
 
@@ -392,13 +467,15 @@ def _safe_div(a, b):
   return None if a is None or b is None else a / b
 
 
-def markdown(records, env):
-  """The loss section of RESULTS.md: environment, two tables, targets."""
+def markdown(records, env, parallel=(), memory=()):
+  """The loss section of RESULTS.md: environment, two tables, targets, and
+  the host-parallel and clDice tables where ``parallel`` and ``memory``
+  (from ``run_host_parallel`` and ``cldice_memory``) were measured."""
   table = _lookup(records)
   shapes = sorted({tuple(r["shape"]) for r in records},
                   key=lambda s: (s[0], np.prod(s)))
   methods = [m for m in (FAST, FEATURES, REFERENCE, TORCH, CLDICE,
-                         CLDICE_TORCH, SKELETON, PH, HUTOPO, BETTI_JAX,
+                         CLDICE_OLD, CLDICE_TORCH, SKELETON, PH, HUTOPO, BETTI_JAX,
                          BETTI, FLOOR)
              if any(r["method"] == m for r in records)]
   versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
@@ -474,8 +551,51 @@ def markdown(records, env):
       "Betti matching: " + (", ".join(
           f"{shape} {fmt(v)}" for shape, v in
           s["betti_over_topojax_betti"].items()) or "not measured") + ".",
-      "", SECTION_END]
+      ""]
+  lines += _parallel_lines(parallel) + _cldice_lines(table, memory)
+  lines.append(SECTION_END)
   return "\n".join(lines) + "\n"
+
+
+def _parallel_lines(parallel):
+  if not parallel:
+    return []
+  lines = ["### Host work on every core (forward + backward)", "",
+           "Samples × channels on `num_workers` threads against one, calls "
+           "alternating (`run_host_parallel`); the results are the same bit "
+           "for bit (tests).", "",
+           "| input (N, X, Y, Z, C) | loss | 1 worker | all workers | "
+           "speedup |", "|---|---|---|---|---|"]
+  for r in parallel:
+    lines.append(
+        f"| {tuple(r['shape'])} | {r['method']} | {_ms(r['serial_s'])} | "
+        f"{_ms(r['parallel_s'])} ({r['workers']}) | "
+        f"{_ratio(r['serial_s'], r['parallel_s'])} |")
+  return lines + [""]
+
+
+def _cldice_lines(table, memory):
+  if not memory:
+    return []
+  lines = ["### clDice: the custom VJP against the old path", "",
+           "Forward + backward from the tables above; memory of the compiled "
+           "forward + backward (XLA's `memory_analysis`: temporaries + "
+           "arguments + outputs), MiB.", "",
+           "| input (N, X, Y, Z, C) | old path | custom VJP | PyTorch | old ÷ "
+           "new | PyTorch ÷ new | memory, old path | memory, custom VJP |",
+           "|---|---|---|---|---|---|---|---|"]
+  fb = functools.partial(_median, mode="forward_backward")
+  mib = {(tuple(r["shape"]), r["method"]): r["total_bytes"] / 2**20
+         for r in memory}
+  for shape in sorted({tuple(r["shape"]) for r in memory},
+                      key=lambda s: np.prod(s)):
+    old, new, torch = (fb(table.get((shape, m)))
+                       for m in (CLDICE_OLD, CLDICE, CLDICE_TORCH))
+    lines.append(
+        f"| {shape} | {_ms(old)} | {_ms(new)} | {_ms(torch)} | "
+        f"{_ratio(old, new)} | {_ratio(torch, new)} | "
+        f"{mib[(shape, CLDICE_OLD)]:.0f} | {mib[(shape, CLDICE)]:.0f} |")
+  return lines + [""]
 
 
 def update_results(path, section):
@@ -558,11 +678,16 @@ def main(argv=None):
       batches=QUICK_BATCHES if args.quick else BATCHES,
       repeats=args.repeats, peers=not args.quick,
       peer_budget_s=args.peer_budget)
+  parallel = memory = ()
+  if not args.quick:
+    parallel = run_host_parallel(repeats=3)
+    memory = cldice_memory(CLDICE_MEMORY_SIZES)
   env = environment(peers_missing, load_at_start)
-  section = markdown(records, env)
+  section = markdown(records, env, parallel, memory)
   print("\n" + section)
   outputs[0].write_text(json.dumps(
-      {"environment": env, "summary": summary(records), "records": records},
+      {"environment": env, "summary": summary(records), "records": records,
+       "host_parallel": list(parallel), "cldice_memory": list(memory)},
       indent=1))
   plot(records, outputs[1])
   print(f"wrote {outputs[0]} and {outputs[1]}")

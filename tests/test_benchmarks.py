@@ -18,10 +18,8 @@ def test_quick_run_times_every_method_and_writes_its_outputs(tmp_path):
   report = json.loads((tmp_path / "loss.json").read_text())
   timed = {r["method"]: r for r in report["records"]}
   expected = {bench.FAST, bench.FEATURES, bench.REFERENCE, bench.TORCH,
-              bench.CLDICE, bench.CLDICE_TORCH, bench.FLOOR}
-  from topojax import losses
-  if hasattr(losses, "skeleton_recall_loss"):  # Not a persistent homology.
-    expected.add(bench.SKELETON)
+              bench.CLDICE, bench.CLDICE_OLD, bench.CLDICE_TORCH,
+              bench.SKELETON, bench.FLOOR}
   assert set(timed) == expected
   for record in timed.values():
     assert record["shape"] == [1, *bench.QUICK_SIZES[0], 1]
@@ -50,3 +48,13 @@ def test_update_results_replaces_only_its_own_section(tmp_path):
   text = path.read_text()
   assert "old" not in text and "new" in text
   assert text.endswith("## Training step\n\nkept\n")
+
+
+def test_cldice_memory_is_read_from_the_compiled_steps():
+  records = bench.cldice_memory(((16, 16, 16),))
+  total = {r["method"]: r["total_bytes"] for r in records}
+  assert set(total) == {bench.CLDICE, bench.CLDICE_OLD}
+  # Both hold at least their two 16³ float32 inputs and the gradient.
+  assert min(total.values()) >= 3 * 16**3 * 4
+  # The custom VJP keeps one-byte winner codes, not XLA's pooled copies.
+  assert total[bench.CLDICE] < total[bench.CLDICE_OLD]
