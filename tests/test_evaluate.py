@@ -77,7 +77,9 @@ def test_missing_and_infinite_cases_are_counted_not_dropped():
   assert stats["metrics"]["hd95_mm"] == {"mean": 0.0, "std": 0.0, "n": 1,
                                          "n_inf": 1}
   table = evaluate.markdown_table({"run": summary})
-  assert "| run | 2/3 | 0.500 ± 0.500 | 0.000 ± 0.000 (+1 inf) |" in table
+  # clDice beside Dice: 1 and 0 as well.
+  assert ("| run | 2/3 | 0.500 ± 0.500 | 0.500 ± 0.500 | 0.000 ± 0.000 "
+          "(+1 inf) |") in table
   assert "- run: no prediction for b." in table
 
 
@@ -207,9 +209,17 @@ def test_table_columns_follow_table_2():
   _, summary = evaluate.evaluate_cases([Case("a", GT, SAME, SPACING)])
   header = evaluate.markdown_table({"run": summary}).splitlines()[0]
   assert [cell.strip() for cell in header.strip("|").split(" | ")] == [
-      "Run", "n", "Dice", "95HD (mm)", "Precision", "Recall", "MVER",
-      "MAVER", "Pearson's r", "2D CCE", "3D CCE", r"\|Δβ0\|", r"\|Δβ1\|",
+      "Run", "n", "Dice", "clDice", "95HD (mm)", "Precision", "Recall",
+      "MVER", "MAVER", "Pearson's r", "2D CCE", "3D CCE", r"\|Δβ0\|",
+      r"\|Δβ1\|", r"\|Δβ2\|"]
+  # Table 2 itself (experiments/reproduce.py prints it) keeps the paper's
+  # columns: clDice is the report's addition only.
+  assert [title for _, title in evaluate.TABLE_COLUMNS] == [
+      "Dice", "95HD (mm)", "Precision", "Recall", "MVER", "MAVER",
+      "Pearson's r", "2D CCE", "3D CCE", r"\|Δβ0\|", r"\|Δβ1\|",
       r"\|Δβ2\|"]
+  assert summary[1]["metrics"]["cldice"] == {
+      "mean": 1.0, "std": 0.0, "n": 1, "n_inf": 0}
 
 
 def test_report_refuses_to_overwrite_before_any_work(task):

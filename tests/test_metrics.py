@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from scipy.spatial import distance
+from skimage.morphology import skeletonize
 
 from topojax import metrics
 
@@ -158,18 +159,20 @@ SOME = _box((5, 5, 5), np.s_[1:3, 1:3, 1:3])
 
 
 @pytest.mark.parametrize("pred, gt, expected", [
-    (EMPTY, EMPTY, {"dice": 1.0, "precision": 1.0, "recall": 1.0,
-                    "ver": 0.0, "hd95": 0.0, "cce_2d": 0.0, "cce_3d": 0}),
-    (EMPTY, SOME, {"dice": 0.0, "precision": 0.0, "recall": 0.0,
-                   "ver": -1.0, "hd95": math.inf, "cce_2d": 1.0,
-                   "cce_3d": 1}),
-    (SOME, EMPTY, {"dice": 0.0, "precision": 0.0, "recall": 0.0,
-                   "ver": math.inf, "hd95": math.inf, "cce_2d": 1.0,
-                   "cce_3d": 1}),
+    (EMPTY, EMPTY, {"dice": 1.0, "cldice": 1.0, "precision": 1.0,
+                    "recall": 1.0, "ver": 0.0, "hd95": 0.0, "cce_2d": 0.0,
+                    "cce_3d": 0}),
+    (EMPTY, SOME, {"dice": 0.0, "cldice": 0.0, "precision": 0.0,
+                   "recall": 0.0, "ver": -1.0, "hd95": math.inf,
+                   "cce_2d": 1.0, "cce_3d": 1}),
+    (SOME, EMPTY, {"dice": 0.0, "cldice": 0.0, "precision": 0.0,
+                   "recall": 0.0, "ver": math.inf, "hd95": math.inf,
+                   "cce_2d": 1.0, "cce_3d": 1}),
 ], ids=["both-empty", "pred-empty", "gt-empty"])
 def test_empty_mask_answers(pred, gt, expected):
   found = {
       "dice": metrics.dice(pred, gt),
+      "cldice": metrics.cldice(pred, gt),
       "precision": metrics.precision(pred, gt),
       "recall": metrics.recall(pred, gt),
       "ver": metrics.volume_error_rate(pred, gt),
@@ -178,6 +181,109 @@ def test_empty_mask_answers(pred, gt, expected):
       "cce_3d": metrics.connected_component_error_3d(pred, gt),
   }
   assert found == expected
+
+
+# clDice (Shit et al. 2021). The hand computations rest on the skeletons,
+# which each test first checks against the voxels it names:
+# * a 3D tube of 3 x 3 voxels along X, x = 1..20, thins to its centre line,
+#   all 20 voxels (Lee keeps the line's ends);
+# * a one-voxel-wide 2D line is its own skeleton (Zhang removes no pixel of
+#   a curve one pixel wide: none has exactly one 0 -> 1 transition around
+#   it and at least two neighbours, ends have one neighbour).
+TUBE = _box((22, 15, 7), np.s_[1:21, 2:5, 2:5])
+TUBE_AXIS = _box((22, 15, 7), np.s_[1:21, 3, 3])
+LINE = _box((22, 12), np.s_[1:21, 3])
+
+
+def _tprec_tsens(pred, gt):
+  """Tprec and Tsens from skimage's skeletons, for the tests' checks."""
+  s_pred, s_gt = skeletonize(pred), skeletonize(gt)
+  return (s_pred & gt).sum() / s_pred.sum(), (s_gt & pred).sum() / s_gt.sum()
+
+
+def test_cldice_skeletons_are_the_hand_made_ones():
+  np.testing.assert_array_equal(skeletonize(TUBE), TUBE_AXIS)
+  np.testing.assert_array_equal(skeletonize(LINE), LINE)
+
+
+@pytest.mark.parametrize("mask", [TUBE, LINE], ids=["3d", "2d"])
+def test_cldice_of_an_exact_prediction_is_one(mask):
+  assert metrics.cldice(mask, mask) == 1.0
+
+
+def test_cldice_of_a_thin_prediction_of_a_thick_tube_is_one():
+  # The centre line alone: Dice 2 * 20 / (20 + 180), yet every centre line
+  # is covered and every predicted voxel lies in the tube.
+  assert metrics.dice(TUBE_AXIS, TUBE) == pytest.approx(0.2)
+  assert metrics.cldice(TUBE_AXIS, TUBE) == 1.0
+
+
+@pytest.mark.parametrize("gt, half", [
+    (TUBE, _box(TUBE.shape, np.s_[1:11, 2:5, 2:5])),
+    (LINE, _box(LINE.shape, np.s_[1:11, 3])),
+], ids=["3d", "2d"])
+def test_cldice_of_half_a_tube(gt, half):
+  # Half the tube, x = 1..10: it covers 10 of the label's 20 skeleton voxels
+  # (Tsens 0.5), and its own skeleton lies in the label (Tprec 1), so
+  # clDice = 2 * 1 * 0.5 / 1.5 = 2/3.
+  assert _tprec_tsens(half, gt) == pytest.approx((1.0, 0.5))
+  assert metrics.cldice(half, gt) == pytest.approx(2 / 3)
+  # Swapped, the half is the label: Tprec 0.5, Tsens 1, the same clDice.
+  assert metrics.cldice(gt, half) == pytest.approx(2 / 3)
+
+
+def test_cldice_of_a_spurious_branch_3d():
+  # A 3 x 8 x 3 branch sticks out of the tube at x = 9..11, y = 5..12. Lee's
+  # skeleton of the T: the centre line minus its voxel at the junction (19
+  # voxels, all in the label) and the branch's centre line x = 10, z = 3,
+  # y = 4..11 (8 voxels, of which y = 4 lies in the tube). Tprec = 20/27,
+  # Tsens = 1 (the prediction contains the label).
+  pred = TUBE | _box(TUBE.shape, np.s_[9:12, 5:13, 2:5])
+  skeleton = skeletonize(pred)
+  np.testing.assert_array_equal(
+      skeleton, (TUBE_AXIS & ~_box(TUBE.shape, np.s_[10, 3, 3]))
+      | _box(TUBE.shape, np.s_[10, 4:12, 3]))
+  t_prec = 20 / 27
+  assert _tprec_tsens(pred, TUBE) == pytest.approx((t_prec, 1.0))
+  assert metrics.cldice(pred, TUBE) == pytest.approx(
+      2 * t_prec / (t_prec + 1))
+
+
+def test_cldice_of_a_spurious_branch_2d():
+  # A one-pixel branch x = 10, y = 4..9 on the 20-pixel line: the skeleton
+  # is the T itself, 26 pixels of which 20 lie in the label.
+  pred = LINE | _box(LINE.shape, np.s_[10, 4:10])
+  np.testing.assert_array_equal(skeletonize(pred), pred)
+  assert metrics.cldice(pred, LINE) == pytest.approx(
+      2 * (20 / 26) / (20 / 26 + 1))
+
+
+def test_cldice_of_a_broken_tube_is_below_one_but_not_by_dice():
+  # One missing cross-section at x = 10 cuts the tube in two: 9 of its 180
+  # voxels gone (Dice 0.975), one of its 20 skeleton voxels uncovered and
+  # each piece's own skeleton inside the label.
+  broken = TUBE & ~_box(TUBE.shape, np.s_[10, :, :])
+  t_prec, t_sens = _tprec_tsens(broken, TUBE)
+  assert t_prec == 1.0 and t_sens == pytest.approx(19 / 20)
+  assert metrics.cldice(broken, TUBE) == pytest.approx(
+      2 * t_sens / (1 + t_sens))
+
+
+@pytest.mark.parametrize("side", [2, 4])
+def test_cldice_of_a_cube_that_lee_thins_away(side):
+  # skimage's Lee thinning removes a 2x2x2 or 4x4x4 cube entirely; without
+  # the deepest voxel kept in its place, the exact prediction of a cube
+  # would score 0 (Tprec and Tsens both 0 / 0).
+  cube = _box((side + 2,) * 3, (np.s_[1:side + 1],) * 3)
+  assert not skeletonize(cube).any()
+  kept = metrics._skeleton(cube)
+  assert kept.sum() == 1 and cube[kept].all()
+  assert metrics.cldice(cube, cube) == 1.0
+
+
+def test_cldice_when_neither_skeleton_meets_the_other_mask():
+  apart = _box(TUBE.shape, np.s_[1:21, 10:13, 2:5])
+  assert metrics.cldice(apart, TUBE) == 0.0
 
 
 def _brute_force_hd95(pred, gt, spacing):
@@ -284,6 +390,7 @@ def test_case_metrics_agree_with_the_single_metrics_uncropped():
   voxel = 0.9 * 1.1 * 2.0
   assert found == pytest.approx({
       "dice": metrics.dice(pred, gt),
+      "cldice": metrics.cldice(pred, gt),
       "hd95_mm": metrics.hausdorff_distance_95(pred, gt, spacing=spacing),
       "precision": metrics.precision(pred, gt),
       "recall": metrics.recall(pred, gt),
@@ -302,6 +409,7 @@ def test_case_metrics_agree_with_the_single_metrics_uncropped():
 def test_case_metrics_of_two_empty_masks():
   found = metrics.case_metrics(EMPTY, EMPTY, spacing=(1, 1, 1))
   assert found["dice"] == 1.0 and found["hd95_mm"] == 0.0
+  assert found["cldice"] == 1.0
   assert found["volume_pred_mm3"] == found["volume_gt_mm3"] == 0.0
 
 
@@ -319,6 +427,9 @@ def test_case_metrics_of_two_empty_masks():
     (lambda: metrics.connected_component_error_2d(EMPTY[0], EMPTY[0]),
      "3D mask"),
     (lambda: metrics.pearson_r([1, 2], [1, 2, 3]), "one value per case"),
+    (lambda: metrics.cldice(np.ones(4, bool), np.ones(4, bool)),
+     "2D .* or 3D"),
+    (lambda: metrics.cldice(SOME, SOME[:4]), "same shape"),
 ])
 def test_bad_input_is_named(call, message):
   with pytest.raises(ValueError, match=message):

@@ -1,5 +1,6 @@
 """Tests for topojax/synthetic.py: known topology, determinism, MSD layout."""
 
+import dataclasses
 import json
 
 import nibabel as nib
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from skimage import measure
+from skimage import morphology
 
 from topojax import cli
 from topojax import synthetic
@@ -179,3 +181,61 @@ def test_cli_synth_makes_rings(tmp_path):
   # One solid ring: one component, one tunnel, Euler characteristic 0.
   assert ndimage.label(label, np.ones((3, 3, 3)))[1] == 1
   assert measure.euler_number(label, connectivity=3) == 0
+
+
+def _betti(mask):
+  """(β0, β1, β2) by scikit-image: components (26-connected), cavities
+  (background components, 6-connected, that miss the padded border) and
+  the Euler characteristic, independently of topojax.metrics."""
+  b0 = _components(mask)
+  background = measure.label(np.pad(~mask, 1), connectivity=1,
+                             background=0).max()
+  b2 = int(background) - 1
+  return b0, b0 + b2 - int(measure.euler_number(mask, connectivity=3)), b2
+
+
+def test_branches_are_thin_trees():
+  config = synthetic.TASKS["branches"]
+  for index in range(4):
+    _, label, count = synthetic.make_case(config, index)
+    label = label.astype(bool)
+    assert count == 1
+    # One connected tree: no loop closed where branches meet, no cavity.
+    assert _betti(label) == (1, 0, 0)
+    # Thin: no voxel deeper than the root's radius (1.9 voxels at 32³).
+    assert ndimage.distance_transform_edt(label).max() <= 2.3
+    # Branching over generations: the skeleton ends in at least 4 tips (the
+    # root's end and those of 3 or more generations of splits).
+    skeleton = morphology.skeletonize(label)
+    neighbours = ndimage.convolve(skeleton.astype(int), np.ones((3, 3, 3)),
+                                  mode="constant") - 1
+    assert (skeleton & (neighbours == 1)).sum() >= 4
+
+
+def test_branch_distractors_are_unlabelled_tube_fragments():
+  config = dataclasses.replace(synthetic.TASKS["branches"], shape=(40, 40, 40),
+                               num_distractors=(2, 2), noise=0.0, bias=0.0)
+  for index in range(3):
+    image, label, _ = synthetic.make_case(config, index)
+    away = ~ndimage.binary_dilation(label, iterations=2)
+    fragments = measure.label((image > 0.45) & away, connectivity=3)
+    assert fragments.max() == 2
+    for region in measure.regionprops(fragments):
+      # Elongated: a tube, not a sphere.
+      assert region.axis_major_length > 2 * region.axis_minor_length
+
+
+def test_existing_tasks_are_what_the_committed_tables_used():
+  # The committed comparison tables were made with these configs; a change
+  # here (or in how their cases are drawn) changes every number.
+  assert synthetic.TASKS["components"] == synthetic.SynthConfig()
+  assert synthetic.TASKS["loops"] == synthetic.SynthConfig(
+      kinds=("ring",), num_distractors=(0, 1))
+
+
+def test_cli_synth_makes_branches(tmp_path):
+  out = tmp_path / "task"
+  assert cli.main(["synth", str(out), "--num-cases", "1", "--kinds",
+                   "branch", "--num-distractors", "1", "1"]) == 0
+  label = nib.load(out / "labelsTr" / "synth_000.nii.gz").get_fdata() > 0
+  assert _betti(label) == (1, 0, 0)

@@ -36,7 +36,7 @@ def _add_synth_arguments(subparsers) -> None:
                      help="volume shape in voxels (default 32 32 32)")
   synth.add_argument("--num-cases", type=int, help="default 60")
   synth.add_argument("--kinds", nargs="+",
-                     choices=("blob", "ellipsoid", "torus", "ring"),
+                     choices=("blob", "ellipsoid", "torus", "ring", "branch"),
                      help="labelled object shapes (default ellipsoid); a ring "
                      "is a thin torus with a narrow neck")
   synth.add_argument("--num-objects", type=int, nargs=2,

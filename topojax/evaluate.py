@@ -3,9 +3,11 @@
 Pairs predicted label maps with ground-truth label maps (in memory, or NIfTI
 folders), checks them, computes `topojax.metrics.case_metrics` per case and
 class, and aggregates as in Table 2 of Fu et al., SPIE Medical Imaging 2023
-(§3.2): means over cases, MVER/MAVER, Pearson's r of the volumes. Reports are
+(§3.2): means over cases, MVER/MAVER, Pearson's r of the volumes, with
+centerline Dice (clDice) beside Dice. Reports are
 a per-case CSV, a JSON summary, a markdown table with one row per run and a
-PNG of the per-case values. NumPy, SciPy and nibabel only: no JAX, no model.
+PNG of the per-case values. NumPy, SciPy, scikit-image and nibabel only: no
+JAX, no model.
 
 How the means stay honest:
 
@@ -49,6 +51,11 @@ TABLE_COLUMNS = (
     ("betti1_error", r"\|Δβ1\|"),
     ("betti2_error", r"\|Δβ2\|"),
 )
+# The report's columns: Table 2's, with centerline Dice (Shit et al., CVPR
+# 2021) beside Dice. TABLE_COLUMNS stays the paper's alone, because
+# experiments/reproduce.py prints Table 2 from it.
+REPORT_COLUMNS = (TABLE_COLUMNS[:1] + (("cldice", "clDice"),)
+                  + TABLE_COLUMNS[1:])
 REPORT_FILES = ("cases.csv", "summary.json", "table.md", "cases.png")
 # Predictions are written from the image's affine, so they should agree with
 # the label's to float32 rounding; this is far below any voxel size.
@@ -168,7 +175,7 @@ def _summarize(rows: list[dict], classes: tuple[int, ...],
     of_class = [row for row in rows if row["class"] == k]
     done = [row for row in of_class if row["status"] == "ok"]
     stats = {}
-    for key, _ in TABLE_COLUMNS:
+    for key, _ in REPORT_COLUMNS:
       if key == "pearson_r":
         continue
       values = np.array([row[key] for row in done], float)
@@ -339,7 +346,7 @@ def _format_stat(stat: Mapping[str, float]) -> str:
 
 
 def markdown_table(summaries: Mapping[str, Mapping[int, dict]]) -> str:
-  """Table 2 as markdown: one row per run (and class), then notes.
+  """Table 2 and clDice as markdown: one row per run (and class), then notes.
 
   Args:
     summaries: run name to the ``summary`` of `evaluate_cases`.
@@ -347,7 +354,7 @@ def markdown_table(summaries: Mapping[str, Mapping[int, dict]]) -> str:
   Returns:
     The table, a legend, and a line per run with missing cases.
   """
-  header = ["Run", "n"] + [title for _, title in TABLE_COLUMNS]
+  header = ["Run", "n"] + [title for _, title in REPORT_COLUMNS]
   lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   notes = []
   for run, summary in summaries.items():
@@ -355,7 +362,7 @@ def markdown_table(summaries: Mapping[str, Mapping[int, dict]]) -> str:
       name = _row_name(run, k, summary)
       cells = [name.replace("|", r"\|"),
                f"{stats['evaluated']}/{stats['cases']}"]
-      for key, _ in TABLE_COLUMNS:
+      for key, _ in REPORT_COLUMNS:
         if key == "pearson_r":
           r = stats["pearson_r"]
           cells.append("n/a" if math.isnan(r) else f"{r:.3f}")
@@ -372,7 +379,8 @@ def markdown_table(summaries: Mapping[str, Mapping[int, dict]]) -> str:
       "n: cases evaluated / cases expected. Mean ± population standard "
       "deviation over the evaluated cases; (+k inf): k cases with an "
       "infinite value (one mask empty), left out of the mean. Pearson's r: "
-      "predicted vs. ground-truth volumes. |Δβi|: Betti-number errors "
+      "predicted vs. ground-truth volumes. clDice: centerline Dice. "
+      "|Δβi|: Betti-number errors "
       "(components, tunnels, cavities); |Δβ0| is the 3D CCE.")
   lines += ["", legend]
   if notes:

@@ -5,12 +5,14 @@ minutes on a CPU, yet hard in the way the paper cares about (Fu et al., SPIE
 Medical Imaging 2023, §1). Each case holds
 
 * ``num_objects`` labelled objects (smooth star-shaped blobs, ellipsoids,
-  tori, or rings: thin tori with a narrow neck), at random orientations,
-  separate from each other, so the label has exactly that many 26-connected
-  components, and one tunnel per torus or ring;
+  tori, rings: thin tori with a narrow neck, or branches: trees of thin
+  tubes), at random orientations, separate from each other, so the label has
+  exactly that many 26-connected components, one tunnel per torus or ring
+  and no cavity;
 * ``num_distractors`` unlabelled bright spheres a little smaller and dimmer
-  than the objects: locally they look like object, so a network trained with
-  Dice alone tends to keep bits of them as small spurious components;
+  than the objects (beside branches, thin straight tube fragments instead):
+  locally they look like object, so a network trained with Dice alone tends
+  to keep bits of them as small spurious components;
 * partial-volume blur, a smooth multiplicative bias field and heavy Gaussian
   noise.
 
@@ -19,9 +21,11 @@ Sizes are fractions of the smallest side of the volume, so a task at another
 generator seeded by ``(seed, i)``: the same config gives the same files, and
 more cases only add files.
 
-Two tasks are built in (``TASKS``): ``"components"``, the default, where
-the difficulty is spurious components, and ``"loops"``, rings whose narrow
-neck a network readily breaks (a lost tunnel) and whose hole it may fill.
+Three tasks are built in (``TASKS``): ``"components"``, the default, where
+the difficulty is spurious components, ``"loops"``, rings whose narrow
+neck a network readily breaks (a lost tunnel) and whose hole it may fill,
+and ``"branches"``, thin branching trees among unlabelled tube fragments,
+whose thin tips a network breaks off or loses and whose fragments it keeps.
 
 ``generate_task(out_dir, config)`` writes ``dataset.json``, ``imagesTr/``
 (float32) and ``labelsTr/`` (uint8, label 1 = object) with an anisotropic,
@@ -45,7 +49,7 @@ import tqdm
 
 from topojax import metrics
 
-KINDS = ("blob", "ellipsoid", "torus", "ring")
+KINDS = ("blob", "ellipsoid", "torus", "ring", "branch")
 
 # Object sizes as fractions of the smallest side of the volume. At 32³ an
 # ellipsoid's semi-axes span 4-8 voxels, a distractor's radius 2-3 voxels.
@@ -61,6 +65,20 @@ _RING_MINOR = (0.07, 0.09)
 _RING_NECK = 0.035
 _RING_NECK_WIDTH = 0.5
 _DISTRACTOR_RADIUS = (0.06, 0.1)
+# A branch is a tree of straight tubes: a root segment, then each tip splits
+# in two, over _BRANCH_GENERATIONS segments from root to tip. At 32³ the root
+# is 7-9 voxels long and 1.6-1.9 voxels in radius; each generation is shorter
+# by _BRANCH_SHRINK and thinner, down to a radius of _BRANCH_TIP (1 voxel).
+_BRANCH_LENGTH = (0.22, 0.28)
+_BRANCH_SHRINK = (0.65, 0.8)
+_BRANCH_RADIUS = (0.05, 0.06)
+_BRANCH_TIP = 0.031
+_BRANCH_ANGLE = (0.45, 0.8)  # Between a child and its parent, in radians.
+_BRANCH_GENERATIONS = (3, 4)
+# Unlabelled fragments of tube beside a branch (instead of spheres): straight,
+# 5-10 voxels long at 32³, as thin as the branch's middle generations.
+_FRAGMENT_LENGTH = (0.15, 0.3)
+_FRAGMENT_RADIUS = (0.031, 0.05)
 _BACKGROUND = 0.2
 _BLUR_SIGMA = 0.7  # Partial-volume blur, in voxels.
 _GAP = 2  # Voxels kept free around every shape, so none touch.
@@ -78,7 +96,8 @@ class SynthConfig:
     num_cases: number of labelled cases.
     kinds: object shapes to draw from, uniformly, among ``KINDS``.
     num_objects: inclusive ``(min, max)`` labelled objects per case.
-    num_distractors: inclusive ``(min, max)`` unlabelled bright blobs per case.
+    num_distractors: inclusive ``(min, max)`` unlabelled bright blobs per
+      case; thin tube fragments instead when ``kinds`` holds ``"branch"``.
     distractor_intensity: ``(min, max)`` of a distractor's intensity, drawn
       uniformly; objects have 1, background 0.2.
     noise: standard deviation of the Gaussian noise, in the units of the
@@ -136,10 +155,15 @@ class SynthConfig:
 #   network keeps bits of them, spurious components (|Δβ0|);
 # * loops: a ring with a narrow neck, fainter than the rest of the tube once
 #   blurred, and at most one distractor; a Dice network breaks the neck,
-#   losing the tunnel (|Δβ1|), or fills the hole.
+#   losing the tunnel (|Δβ1|), or fills the hole;
+# * branches: one tree of thin tubes (radius 1.6-1.9 voxels at the root, 1 at
+#   the tips, 3-4 generations), β = (1, 0, 0), among 1-3 unlabelled tube
+#   fragments; a Dice network keeps fragments and breaks or loses thin
+#   branches (|Δβ0|; experiments/README.md has how it was tuned).
 TASKS = {
     "components": SynthConfig(),
     "loops": SynthConfig(kinds=("ring",), num_distractors=(0, 1)),
+    "branches": SynthConfig(kinds=("branch",), num_distractors=(1, 3)),
 }
 
 
@@ -192,6 +216,9 @@ def _draw_shape(kind: str, rng: np.random.Generator, size: float):
       return (np.hypot(u[0], u[1]) - major) ** 2 + u[2] ** 2 <= tube ** 2
 
     return inside, major + minor
+  if kind == "branch":
+    segments, bound = _branch_tree(rng, size)
+    return lambda u: _near_segments(u, segments), bound
   # Star-shaped blob: the radius varies smoothly with direction and stays
   # positive, so the blob is one component without holes.
   radius = rng.uniform(*_BLOB_RADIUS) * size
@@ -235,6 +262,85 @@ def _place(rng, grid, inside, radius, occupied) -> np.ndarray | None:
   return None
 
 
+def _near_segments(u, segments) -> np.ndarray:
+  """Whether points lie within some segment's radius: a union of capsules.
+
+  Args:
+    u: ``(3, ...)`` points, in voxels.
+    segments: ``(start, end, radius)`` triples, ``(3,)`` ends and radius in
+      voxels.
+
+  Returns:
+    A bool array of ``u.shape[1:]``.
+  """
+  inside = np.zeros(u.shape[1:], dtype=bool)
+  for start, end, radius in segments:
+    offset = u - start.reshape((3,) + (1,) * (u.ndim - 1))
+    axis = end - start
+    # Nearest point of the segment: the projection onto its line, clipped
+    # to the ends.
+    t = np.clip(np.tensordot(axis, offset, 1) / axis.dot(axis), 0, 1)
+    distance2 = ((offset - axis.reshape(offset.shape[:1] + (1,) * t.ndim)
+                  * t) ** 2).sum(axis=0)
+    inside |= distance2 <= radius ** 2
+  return inside
+
+
+def _branch_tree(rng, size: float):
+  """A random tree of straight tubes, centred on the origin.
+
+  Each tip splits into two children in a random plane through its
+  direction, one on each side, each turned by an angle in
+  ``_BRANCH_ANGLE``, so siblings diverge and the tree is a tree: one
+  component without loops, as long as no branch reaches another (the caller
+  checks the Betti numbers and draws again if one does).
+
+  Returns:
+    ``(segments, radius)``: ``(start, end, radius)`` triples in voxels, and
+    a radius that bounds the tree.
+  """
+  generations = int(rng.integers(_BRANCH_GENERATIONS[0],
+                                 _BRANCH_GENERATIONS[1] + 1))
+  root_radius = rng.uniform(*_BRANCH_RADIUS) * size
+  tip_radius = _BRANCH_TIP * size
+  length = rng.uniform(*_BRANCH_LENGTH) * size
+  tips = [(np.zeros(3), np.array([0.0, 0.0, 1.0]), length)]
+  segments = []
+  for generation in range(generations):
+    radius = root_radius + (tip_radius - root_radius) * (
+        generation / (generations - 1))
+    grown = []
+    for start, direction, segment_length in tips:
+      end = start + direction * segment_length
+      segments.append((start, end, radius))
+      # A unit vector across the direction, at a random angle around it.
+      across = np.cross(direction, rng.normal(size=3))
+      across /= np.linalg.norm(across)
+      for side in (1, -1):
+        angle = rng.uniform(*_BRANCH_ANGLE)
+        child = math.cos(angle) * direction + side * math.sin(angle) * across
+        grown.append((end, child / np.linalg.norm(child),
+                      segment_length * rng.uniform(*_BRANCH_SHRINK)))
+    tips = grown
+  points = np.array([p for start, end, _ in segments for p in (start, end)])
+  centre = (points.min(axis=0) + points.max(axis=0)) / 2
+  segments = [(start - centre, end - centre, r) for start, end, r in segments]
+  bound = np.linalg.norm(points - centre, axis=1).max() + root_radius
+  return segments, bound
+
+
+def _fragment(rng, size: float):
+  """An unlabelled straight tube along x, centred on the origin.
+
+  Returns:
+    ``(inside, radius)`` as ``_draw_shape``.
+  """
+  half = rng.uniform(*_FRAGMENT_LENGTH) * size / 2
+  radius = rng.uniform(*_FRAGMENT_RADIUS) * size
+  segment = (np.array([-half, 0.0, 0.0]), np.array([half, 0.0, 0.0]), radius)
+  return lambda u: _near_segments(u, [segment]), half + radius
+
+
 def _sphere(radius: float):
   return lambda u: (u ** 2).sum(axis=0) <= radius ** 2
 
@@ -268,8 +374,9 @@ def make_case(config: SynthConfig, index: int
 
   Returns:
     ``(image, label, num_objects)``: image ``config.shape`` float32, label
-    ``config.shape`` uint8 in {0, 1} with exactly ``num_objects``
-    26-connected components and one tunnel per torus or ring.
+    ``config.shape`` uint8 in {0, 1} with Betti numbers exactly
+    ``(num_objects, tori and rings, 0)``: ``num_objects`` 26-connected
+    components, one tunnel per torus or ring, no cavity.
   """
   rng = np.random.default_rng((config.seed, index))
   shape, size = config.shape, min(config.shape)
@@ -292,9 +399,9 @@ def make_case(config: SynthConfig, index: int
         break
       label |= mask
     else:
-      # A neck digitised too thin would cut a ring: the tunnels are checked
-      # as well as the components.
-      if metrics.betti_numbers(label)[:2] == (num_objects, loops):
+      # A neck digitised too thin would cut a ring, two branches of a tree
+      # that touch would close a loop: every Betti number is checked.
+      if metrics.betti_numbers(label) == (num_objects, loops, 0):
         break
   else:
     raise ValueError(f"could not fit {num_objects} separate objects of kinds "
@@ -303,9 +410,16 @@ def make_case(config: SynthConfig, index: int
 
   clean = label.astype(np.float32)
   occupied = label.copy()
+  # Beside branches, distractors are tube fragments: what a tree's broken
+  # tip looks like, and what a vessel tree's unlabelled neighbours are.
+  tubes = "branch" in config.kinds
   for _ in range(num_distractors):
-    radius = rng.uniform(*_DISTRACTOR_RADIUS) * size
-    mask = _place(rng, grid, _sphere(radius), radius, _surroundings(occupied))
+    if tubes:
+      inside, radius = _fragment(rng, size)
+    else:
+      radius = rng.uniform(*_DISTRACTOR_RADIUS) * size
+      inside = _sphere(radius)
+    mask = _place(rng, grid, inside, radius, _surroundings(occupied))
     if mask is None:  # No room left: fewer distractors, never an overlap.
       continue
     clean[mask] = rng.uniform(*config.distractor_intensity)
