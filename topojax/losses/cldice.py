@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topojax.losses import _checks
+from topojax.losses import _fusion
 
 
 def _pool(x: jax.Array, window: tuple[int, ...], *, minimum: bool
@@ -98,25 +99,8 @@ def _pool(x: jax.Array, window: tuple[int, ...], *, minimum: bool
 # CPU). It does not duplicate an "expensive" op such as a reduce_window:
 # the pooled values are reduce_windows, as in the reference path, and the
 # other arrays that are read through shifted views, or kept for the
-# backward pass, go through ``_stored``. Without this the fast path was
-# slower than the reference; with it, about ten times faster.
-
-
-def _stored(x: jax.Array) -> jax.Array:
-  """``x`` unchanged, computed into memory before the next pool reads it.
-
-  A reduce_window max over windows ``{x[i], a hole}`` (base dilation 2,
-  window and stride 2 along one axis): the hole holds the identity of max
-  (-inf, or 0 for a uint8 code), so every output is its input, exactly;
-  XLA keeps it because it cannot see that. It costs about one copy.
-  """
-  ones = (1,) * x.ndim
-  two = (1, 2) + (1,) * (x.ndim - 2)
-  padding = ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2)
-  identity = (jnp.array(0, x.dtype) if x.dtype == jnp.uint8
-              else jnp.array(-jnp.inf, x.dtype))
-  return jax.lax.reduce_window(x, identity, jax.lax.max, two, two, padding,
-                               base_dilation=two, window_dilation=ones)
+# backward pass, go through ``_fusion.stored``. Without this the fast path
+# was slower than the reference; with it, about ten times faster.
 
 
 def _shift(x: jax.Array, offset: tuple[int, ...], fill) -> jax.Array:
@@ -215,7 +199,7 @@ def _erode_code(x: jax.Array):
       code = code + order * jnp.uint8(3**(spatial + axis - 1))
       # Nested as min(min(X, Y), Z), as in the published code.
       eroded = jnp.minimum(eroded, along)
-  return _stored(eroded), _stored(code)
+  return _fusion.stored(eroded), _fusion.stored(code)
 
 
 @jax.custom_vjp
@@ -258,7 +242,7 @@ def _erode_bwd(code, grad):
       share = _erode_shares(code_there, _shift(grad, back, 0))[axis]
       term = jnp.where(_digit(code_there, axis) == index, share, 0)
       total = term if total is None else total + term
-  return (_stored(total),)
+  return (_fusion.stored(total),)
 
 
 _erode.defvjp(_erode_code, _erode_bwd)
@@ -279,7 +263,7 @@ def _dilate_code(x: jax.Array):
     x, tap = _pool_along(x, axis, minimum=False)
     digit = tap * jnp.uint8(3**axis)
     code = digit if code is None else code + digit
-  return x, _stored(code)
+  return x, _fusion.stored(code)
 
 
 @jax.custom_vjp
@@ -292,7 +276,7 @@ def _dilate(x: jax.Array) -> jax.Array:
 def _dilate_bwd(code, grad):
   # Through the stages in reverse: first axis, then the next.
   for axis in range(grad.ndim - 2):
-    grad = _stored(_route_along(grad, _digit(code, axis), axis))
+    grad = _fusion.stored(_route_along(grad, _digit(code, axis), axis))
   return (grad,)
 
 

