@@ -196,24 +196,10 @@ def _betti_matching_loss(pred, target, *, start_channel, filtration,
     f_pred, f_target = p[None], g[None]
   else:
     f_pred, f_target = jnp.stack([p, 1 - p]), jnp.stack([g, 1 - g])
-  spatial_rank = pred.ndim - 2
-  lead, rows = f_pred.shape[:3], int(np.prod(f_pred.shape[3:]))
-  result_shape = (jax.ShapeDtypeStruct((*lead, rows, 2), jnp.int32),
-                  jax.ShapeDtypeStruct((*lead, rows, 2), jnp.int32),
-                  jax.ShapeDtypeStruct((*lead, rows), jnp.int8))
-  pred_voxels, target_voxels, kind = jax.pure_callback(
-      functools.partial(_host_tables, spatial_rank=spatial_rank,
+  pred_points, target_points, kind = _host.gathered_pairs(
+      functools.partial(_host_tables, spatial_rank=pred.ndim - 2,
                         num_workers=num_workers),
-      result_shape, jax.lax.stop_gradient(f_pred),
-      jax.lax.stop_gradient(f_target), vmap_method="broadcast_all")
-
-  def gather(f, voxels):
-    flat = f.reshape(*lead, rows)
-    points = jnp.take_along_axis(flat, voxels.reshape(*lead, 2 * rows), -1)
-    return points.reshape(*lead, rows, 2)
-
-  pred_points = gather(f_pred, pred_voxels)
-  target_points = gather(f_target, target_voxels)
+      f_pred, f_target, lead_ndim=3)
   matched = 2 * jnp.sum((pred_points - target_points)**2, axis=-1)
   if push_unmatched_to_1_0:
     unmatched = lambda pts: 2 * ((pts[..., 0] - 1)**2 + pts[..., 1]**2)

@@ -197,35 +197,10 @@ def _hutopo_loss(pred, target, *, start_channel, num_workers):
   f_pred = jnp.moveaxis(1 - pred[..., start_channel:].astype(dtype), -1, 1)
   f_target = jnp.moveaxis(1 - target[..., start_channel:].astype(dtype), -1,
                           1)
-  spatial_rank = pred.ndim - 2
-  lead, rows = f_pred.shape[:2], int(np.prod(f_pred.shape[2:]))
-  result_shape = (jax.ShapeDtypeStruct((*lead, rows, 2), jnp.int32),
-                  jax.ShapeDtypeStruct((*lead, rows, 2), jnp.int32),
-                  jax.ShapeDtypeStruct((*lead, rows), jnp.int8))
-  pred_voxels, target_voxels, kind = jax.pure_callback(
-      functools.partial(_host_matchings, spatial_rank=spatial_rank,
+  pred_points, target_points, kind = _host.gathered_pairs(
+      functools.partial(_host_matchings, spatial_rank=pred.ndim - 2,
                         num_workers=num_workers),
-      result_shape, jax.lax.stop_gradient(f_pred),
-      jax.lax.stop_gradient(f_target), vmap_method="broadcast_all")
-
-  count = int(np.prod(lead))
-
-  def gather(f, voxels):
-    # The host returns voxel indices of the volume: in bounds, so the
-    # gather (and its transpose, a scatter-add) skips the bounds masks.
-    if count * rows < 2**31:
-      # One flat gather, which XLA:CPU runs faster than a batched one;
-      # ``starts``: where each item's voxels begin in the flat batch.
-      starts = jnp.arange(count, dtype=jnp.int32).reshape(*lead, 1, 1) * rows
-      return f.reshape(-1).at[voxels + starts].get(mode="promise_in_bounds")
-    # Flat int32 indices would overflow.
-    points = jnp.take_along_axis(f.reshape(*lead, rows),
-                                 voxels.reshape(*lead, 2 * rows), -1,
-                                 mode="promise_in_bounds")
-    return points.reshape(*lead, rows, 2)
-
-  pred_points = gather(f_pred, pred_voxels)
-  target_points = gather(f_target, target_voxels)
+      f_pred, f_target, lead_ndim=2)
   matched = jnp.sum((pred_points - target_points)**2, axis=-1)
   to_diagonal = lambda points: (points[..., 0] - points[..., 1])**2 / 2
   cost = jnp.select(
