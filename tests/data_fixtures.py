@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from topojax import data
 from topojax import synthetic
 
 SYNTH = synthetic.SynthConfig(shape=(20, 18, 16), num_cases=10,
@@ -75,3 +76,16 @@ def good_task(root):
   return write_task(root, {f"case_{i}": (np.random.default_rng(i).random(
       (6, 7, 5), dtype=np.float32), np.zeros((6, 7, 5), np.uint8))
                            for i in range(2)})
+
+
+def check_bad_task(tmp_path, cache_dir, case):
+  """``load_dataset`` of a good task broken by ``case = (corrupt, error,
+  match)`` raises ``error`` matching ``match`` and leaves no cache entry."""
+  corrupt, error, match = case
+  root = good_task(tmp_path / "Task05_Bad")
+  corrupt(root)
+  config = data.PreprocessConfig(shape=(4, 4, 4))
+  with pytest.raises(error, match=match):
+    data.load_dataset(root, config, cache_dir=cache_dir, progress=False)
+  assert not any(p.name.endswith(".tmp") or p.is_dir()
+                 for p in entries(cache_dir))

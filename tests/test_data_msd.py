@@ -10,6 +10,7 @@ from topojax import data
 
 # tests/ is on sys.path under pytest.
 from data_fixtures import cache_dir  # noqa: F401  (a fixture)
+from data_fixtures import check_bad_task
 from data_fixtures import entries
 from data_fixtures import good_task
 from data_fixtures import ramp_case
@@ -70,14 +71,7 @@ BAD_TASKS = {
 
 @pytest.mark.parametrize("name", list(BAD_TASKS))
 def test_bad_task(tmp_path, cache_dir, name):
-  corrupt, error, match = BAD_TASKS[name]
-  root = good_task(tmp_path / "Task05_Bad")
-  corrupt(root)
-  config = data.PreprocessConfig(shape=(4, 4, 4))
-  with pytest.raises(error, match=match):
-    data.load_dataset(root, config, cache_dir=cache_dir, progress=False)
-  assert not any(p.name.endswith(".tmp") or p.is_dir()
-                 for p in entries(cache_dir))
+  check_bad_task(tmp_path, cache_dir, BAD_TASKS[name])
 
 
 def test_missing_task_dir(tmp_path):
