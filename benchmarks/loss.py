@@ -618,18 +618,22 @@ def plot(records, path):
   from matplotlib import pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 5))
-  for method in dict.fromkeys(r["method"] for r in records):
+  methods = list(dict.fromkeys(r["method"] for r in records))
+  # More methods than the default colour cycle: one colour and marker each.
+  colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))
+  for i, method in enumerate(methods):
     points = sorted((r["voxels"], r["forward_backward"]["median_s"])
                     for r in records
                     if r["method"] == method and "forward_backward" in r)
     if points:
       voxels, seconds = zip(*points)
-      ax.plot(voxels, np.array(seconds) * 1e3, "o-", label=method)
+      ax.plot(voxels, np.array(seconds) * 1e3, "-", marker="osv^Dp"[i % 6],
+              color=colours[i], label=method)
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("voxels (N·X·Y·Z)")
   ax.set_ylabel("forward + backward, ms (median)")
-  ax.set_title("Projected Pooling Loss and peers, float32")
+  ax.set_title("Topology losses, forward + backward, float32")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
