@@ -262,6 +262,32 @@ def _dim0_comparison(level_c, rank_c, edge_order_c, edge_level_c, rank_0,
 
 
 @numba.jit(**_JIT)
+def _wall_cells(q, top_level, strides, nd, n):
+  """The two top cells a wall ``q`` bounds, ``n`` (the cell at infinity)
+  where it lies on the boundary of the volume."""
+  types = nd if nd == 2 else 3
+  v, t = q // types, q % types
+  axis = (1 - t) if nd == 2 else t
+  # The wall's other coordinates fit a top cell, so a neighbour along
+  # ``axis`` exists where a top cell has a level: no coordinate division.
+  # Off the low edge, ``v - s`` is negative or lands on a last slice,
+  # which holds no top cell.
+  s = strides[axis]
+  c1 = v - s if v >= s and top_level[v - s] >= 0 else n
+  c2 = v if top_level[v] >= 0 else n
+  return c1, c2
+
+
+@numba.jit(**_JIT)
+def _top_elder(a, b, rank, n):
+  """``(young, old)`` of two dual components by the elder rule reversed: a
+  larger rank is older, the cell at infinity ``n`` oldest."""
+  if a == n or (b != n and rank[a] > rank[b]):
+    return b, a
+  return a, b
+
+
+@numba.jit(**_JIT)
 def _top_pairs(wall_order, wall_level, top_level, top_rank, top_rank_c,
                strides, nd, n):
   """Finite pairs of the top dimension by union-find on the dual graph.
@@ -283,35 +309,18 @@ def _top_pairs(wall_order, wall_level, top_level, top_rank, top_rank_c,
   deaths = np.empty(n, np.int32)
   pair_of_death_c = np.full(n + 1, -1, np.int32)
   cleared = np.zeros(wall_level.size, np.bool_)
-  types = nd if nd == 2 else 3
   count = 0
   for k in range(wall_order.size - 1, -1, -1):
     q = wall_order[k]
-    v, t = q // types, q % types
-    axis = (1 - t) if nd == 2 else t
-    # The wall's other coordinates fit a top cell, so a neighbour along
-    # ``axis`` exists where a top cell has a level: no coordinate division.
-    # Off the low edge, ``v - s`` is negative or lands on a last slice,
-    # which holds no top cell.
-    s = strides[axis]
-    c1 = v - s if v >= s and top_level[v - s] >= 0 else n
-    c2 = v if top_level[v] >= 0 else n
+    c1, c2 = _wall_cells(q, top_level, strides, nd, n)
     a = _find(parent, c1)
     b = _find(parent, c2)
     if a == b:
       continue
-    # The elder rule reversed: a larger rank is older, infinity oldest.
-    if a == n or (b != n and top_rank[a] > top_rank[b]):
-      young, old = b, a
-    else:
-      young, old = a, b
+    young, old = _top_elder(a, b, top_rank, n)
     parent[young] = old
     cleared[q] = True
-    la, lb = label[a], label[b]
-    if la == n or (lb != n and top_rank_c[la] > top_rank_c[lb]):
-      young_c, old_c = lb, la
-    else:
-      young_c, old_c = la, lb
+    young_c, old_c = _top_elder(label[a], label[b], top_rank_c, n)
     label[old] = old_c
     if wall_level[q] != top_level[young]:
       births[count] = q
@@ -332,27 +341,15 @@ def _top_comparison(wall_order, wall_level, top_level, top_rank, strides,
   parent = np.arange(n + 1).astype(np.int32)
   matches = np.empty((n, 2), np.int32)
   cleared = np.zeros(wall_level.size, np.bool_)
-  types = nd if nd == 2 else 3
   count = 0
   for k in range(wall_order.size - 1, -1, -1):
     q = wall_order[k]
-    v, t = q // types, q % types
-    axis = (1 - t) if nd == 2 else t
-    # The wall's other coordinates fit a top cell, so a neighbour along
-    # ``axis`` exists where a top cell has a level: no coordinate division.
-    # Off the low edge, ``v - s`` is negative or lands on a last slice,
-    # which holds no top cell.
-    s = strides[axis]
-    c1 = v - s if v >= s and top_level[v - s] >= 0 else n
-    c2 = v if top_level[v] >= 0 else n
+    c1, c2 = _wall_cells(q, top_level, strides, nd, n)
     a = _find(parent, c1)
     b = _find(parent, c2)
     if a == b:
       continue
-    if a == n or (b != n and top_rank[a] > top_rank[b]):
-      young, old = b, a
-    else:
-      young, old = a, b
+    young, old = _top_elder(a, b, top_rank, n)
     parent[young] = old
     cleared[q] = True
     if wall_level[q] != top_level[young]:
