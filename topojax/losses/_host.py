@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from topojax.losses import _checks
+
 
 def available_cores() -> int:
   """Cores this process may run on (its CPU affinity where the OS says)."""
@@ -39,6 +41,14 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # Not on Linux.
     return os.cpu_count() or 1
+
+
+def worker_count(num_workers) -> int:
+  """A loss's ``num_workers`` argument checked: ``None`` is every core this
+  process may use, anything else must be a positive int."""
+  if num_workers is None:
+    return available_cores()
+  return _checks.positive_int(num_workers, "num_workers")
 
 
 def map_items(fn: Callable[..., Any], items: Sequence[tuple], *,

@@ -283,8 +283,7 @@ def betti_matching_loss(
   if not isinstance(push_unmatched_to_1_0, (bool, np.bool_)):
     raise ValueError(f"push_unmatched_to_1_0 must be a bool, got "
                      f"{push_unmatched_to_1_0!r}")
-  num_workers = (_host.available_cores() if num_workers is None else
-                 _checks.positive_int(num_workers, "num_workers"))
+  num_workers = _host.worker_count(num_workers)
   return _betti_matching_loss(
       jnp.asarray(pred), jnp.asarray(target), start_channel=start_channel,
       filtration=filtration,

@@ -279,7 +279,6 @@ def hutopo_loss(
   target = _checks.as_array(target, "target")
   _checks.check_pair(pred, target)
   start_channel = _checks.start_channel_of(start_channel, np.shape(pred)[-1])
-  num_workers = (_host.available_cores() if num_workers is None else
-                 _checks.positive_int(num_workers, "num_workers"))
+  num_workers = _host.worker_count(num_workers)
   return _hutopo_loss(jnp.asarray(pred), jnp.asarray(target),
                       start_channel=start_channel, num_workers=num_workers)
