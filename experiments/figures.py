@@ -200,3 +200,78 @@ def topology_time_figure(tasks: Mapping[str, Mapping[str, Mapping]],
                "better)", fontsize=10)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def intervals_figure(tasks: Mapping[str, Mapping[str, Mapping[str, Mapping]]],
+                     path: str | os.PathLike, *, baseline: str,
+                     keys: Sequence[str] = ("dice", "cldice", "betti0_error",
+                                            "betti1_error", "betti_error")
+                     ) -> None:
+  """Paired differences from ``baseline`` with their 95 % intervals.
+
+  Args:
+    tasks: task → setting → metric key → ``experiments.paired.compare``'s
+      dict with ``verdict``.
+    path: PNG to write.
+    baseline: the setting the differences are taken from, for the title.
+    keys: metrics to show, one column each.
+  """
+  from experiments import paired
+
+  colours = {"better": "tab:green", "worse": "tab:red", "no evidence": "0.4"}
+  fig, axes = plt.subplots(len(tasks), len(keys),
+                           figsize=(2.9 * len(keys), 0.5 + 2.2 * len(tasks)),
+                           constrained_layout=True, squeeze=False)
+  for row, (task, settings) in zip(axes, tasks.items()):
+    names = list(settings)
+    for ax, key in zip(row, keys):
+      for y, name in enumerate(names):
+        r = settings[name][key]
+        ax.errorbar(r["mean"], y, xerr=[[r["mean"] - r["low"]],
+                                        [r["high"] - r["mean"]]],
+                    fmt="o", color=colours[r["verdict"]], capsize=3)
+      ax.axvline(0, color="k", lw=0.8)
+      ax.set_yticks(range(len(names)), names if ax is row[0] else [],
+                    fontsize=8)
+      ax.invert_yaxis()
+      title, lower = paired.METRICS[key]
+      ax.set_title(f"{task}: Δ {title.replace(chr(92), '')} "
+                   f"({'lower' if lower else 'higher'} is better)",
+                   fontsize=8)
+      ax.grid(alpha=0.3, axis="x")
+  fig.suptitle(f"Difference from {baseline} per test case (mean over seeds), "
+               "95 % bootstrap interval; green better, red worse, grey no "
+               "evidence", fontsize=9)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def validation_curves_figure(tasks: Mapping[str, Mapping[str, np.ndarray]],
+                             path: str | os.PathLike, *, phase1: str) -> None:
+  """Validation Dice per epoch, mean over seeds: phase 1, then each
+  phase-2 setting from phase 1's best epoch.
+
+  Args:
+    tasks: task → setting name → ``(seeds, epochs)`` validation Dice; the
+      setting ``phase1`` is phase 1's.
+    path: PNG to write.
+    phase1: the name of phase 1's setting.
+  """
+  fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6),
+                           constrained_layout=True, squeeze=False)
+  for ax, (task, curves) in zip(axes[0], tasks.items()):
+    first = np.asarray(curves[phase1]).mean(0)
+    ax.plot(np.arange(1, first.size + 1), first, color="k", label=phase1)
+    for i, (name, curve) in enumerate(
+        (n, c) for n, c in curves.items() if n != phase1):
+      mean = np.asarray(curve).mean(0)
+      ax.plot(first.size + np.arange(1, mean.size + 1), mean, marker=".",
+              color=f"C{i}", label=name)
+    ax.axvline(first.size + 0.5, color="0.7", lw=0.8, ls="--")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Dice (mean over seeds)")
+    ax.set_title(f"task {task!r}", fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[0, -1].legend(fontsize=7, loc="lower right")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

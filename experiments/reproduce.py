@@ -53,7 +53,9 @@ DEFAULT_CONFIG = ROOT / "configs" / "synthetic.json"
 VARIANTS = {"dice_ft": "dice", "ppl": "ppl", "ppl_norm": "ppl_norm"}
 # Row names of the settings, before their epochs.
 LABELS = {"phase1": "Dice", "dice_ft": "Dice", "ppl": "PPL",
-          "ppl_norm": "PPL-norm", "cldice": "clDice", "hutopo": "PH (Hu)"}
+          "ppl_norm": "PPL-norm", "cldice": "clDice", "hutopo": "PH (Hu)",
+          "betti_matching": "Betti matching",
+          "skeleton_recall": "Skeleton Recall"}
 
 
 def setting_names(config: train.TrainConfig,

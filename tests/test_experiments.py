@@ -111,7 +111,7 @@ def quick_comparison(tmp_path_factory):
   # task: the other runs the same code on other data.
   config.write_text(json.dumps(TINY.to_json()))
   results = compare_losses.compare(
-      config_path=config, out=root / "out", quick=True, num_cases=8,
+      config_path=config, out=root / "out", quick=True, num_cases=10,
       tasks=("loops",), cache_dir=root / "cache", progress=False)
   return root, results
 
@@ -121,28 +121,74 @@ def test_comparison_quick_mode_writes_every_loss(quick_comparison):
   out = root / "out"
   assert set(results["tasks"]) == {"loops"}
   names = ["Dice 2", "Dice 2+2", "PPL 2+2", "PPL-norm 2+2", "clDice 2+2",
-           "PH (Hu) 2+2"]
+           "PH (Hu) 2+2", "Betti matching 2+2", "Skeleton Recall 2+2"]
   text = (out / "table.md").read_text()
-  for task, result in results["tasks"].items():
-    assert f"## Task {task!r}" in text
-    assert list(result["table"]) == names
-    for name in names[1:]:
-      row = result["table"][name]
-      assert row["loss_ms"]["mean"] > 0
-      assert row["seconds_per_epoch"]["mean"] > 0
-      assert 0 <= row["dice"]["mean"] <= 1
-      assert row["betti1_error"]["mean"] >= 0
-    specs = {d: json.loads((out / task / "seed0" / d / "config.json")
-                           .read_text())
-             for d in compare_losses.VARIANTS}
-    assert {d: s["loss"] for d, s in specs.items()} == compare_losses.VARIANTS
-    # Equal terms: one configuration (epochs, learning rate, λ) for all.
-    assert len({json.dumps(s["config"]) for s in specs.values()}) == 1
-  assert "| PH (Hu) 2+2 |" in text
-  for name in ("topology_vs_time.png", "loops_projections.png"):
+  result = results["tasks"]["loops"]
+  assert "## Task 'loops'" in text
+  assert list(result["table"]) == names
+  for name in names[1:]:
+    row = result["table"][name]
+    assert row["loss_ms"]["mean"] > 0
+    assert row["seconds_per_epoch"]["mean"] > 0
+    assert 0 <= row["dice"]["mean"] <= 1
+    assert 0 <= row["cldice"]["mean"] <= 1
+    assert row["betti1_error"]["mean"] >= 0
+  assert list(result["paired"]) == names[2:]
+  specs = {d: json.loads((out / "loops" / "seed1" / d / "config.json")
+                         .read_text())
+           for d in compare_losses.VARIANTS}
+  assert {d: s["loss"] for d, s in specs.items()} == compare_losses.VARIANTS
+  # Equal terms: the settings differ in their loss and λ alone.
+  for d, spec in specs.items():
+    weight = result["weights"].get(d)
+    assert spec["config"]["dice_weight"] == (1.0 if weight is None
+                                             else 1.0 / weight)
+  assert len({json.dumps({**s["config"], "dice_weight": None})
+              for s in specs.values()}) == 1
+  # λ was kept on the tuning seed's validation cases, never the test cases.
+  split = result["split"]
+  tuned = json.loads((out / "loops" / "tuning" / "ppl_lambda"
+                      f"{result['weights']['ppl']:g}" / "cases.json")
+                     .read_text())
+  assert [r["case"] for r in tuned] == list(split["val"])
+  evaluated = json.loads((out / "loops" / "seed1" / "ppl" / "cases.json")
+                         .read_text())
+  assert [r["case"] for r in evaluated] == list(split["test"])
+  for loss, tuning in result["tuning"]["losses"].items():
+    assert tuning["chosen"] == tuning["scale"]  # --quick: λ0 alone.
+  assert "| PH (Hu) 2+2 |" in text and "| Skeleton Recall 2+2 |" in text
+  for name in ("topology_vs_time.png", "loops_projections.png",
+               "intervals.png", "curves.png"):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((out / "results.json").read_text())
   assert saved["tasks"]["loops"]["synthetic"]["kinds"] == ["ring"]
+
+
+def test_comparison_resumes_without_retraining(quick_comparison):
+  root, results = quick_comparison
+  log = root / "out" / "loops" / "seed1" / "cldice" / "log.jsonl"
+  before = log.read_text()
+  again = compare_losses.compare(
+      config_path=root / "tiny.json", out=root / "out", quick=True,
+      num_cases=10, tasks=("loops",), cache_dir=root / "cache",
+      progress=False, resume=True)
+  assert log.read_text() == before
+  assert again["tasks"]["loops"]["paired"] == results["tasks"]["loops"][
+      "paired"]
+
+
+@pytest.mark.parametrize("grid, chosen", [
+    # The lowest topology error among the λ that keep Dice within 0.01.
+    ({0.1: (0.90, 2.0), 1.0: (0.895, 1.0), 10.0: (0.85, 0.1)}, 1.0),
+    # Ties in topology error go to the higher Dice.
+    ({0.1: (0.90, 1.0), 1.0: (0.905, 1.0), 10.0: (0.80, 0.0)}, 1.0),
+    # No λ keeps Dice: the one that harms it least.
+    ({0.1: (0.80, 2.0), 1.0: (0.85, 1.0), 10.0: (0.70, 0.0)}, 1.0),
+])
+def test_choose_weight_follows_the_written_rule(grid, chosen):
+  baseline = {"dice": 0.90, "betti_error": 3.0}
+  grid = {w: {"dice": d, "betti_error": b} for w, (d, b) in grid.items()}
+  assert compare_losses.choose_weight(grid, baseline) == chosen
 
 
 def test_comparison_refuses_unknown_tasks_and_used_folders(quick_comparison):
