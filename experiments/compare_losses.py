@@ -204,7 +204,8 @@ def evaluate_run(run_dir: pathlib.Path, task_dir: pathlib.Path,
   (rows, _), = evaluate.evaluate_runs(
       {run_dir.name: pred_dir}, task_dir / "labelsTr", case_ids=case_ids,
       out_dir=run_dir / "report", overwrite=True).values()
-  keys = list(paired.METRICS)[:-1] + ["cce_3d"]
+  # Every metric of paired.METRICS but the sum, which is derived here.
+  keys = [k for k in paired.METRICS if k != "betti_error"] + ["cce_3d"]
   rows = [{"case": r["case"], **{k: float(r[k]) for k in keys},
            "betti_error": float(r["betti0_error"] + r["betti1_error"]
                                 + r["betti2_error"])} for r in rows]
@@ -426,14 +427,15 @@ def _machine() -> str:
 def _training_minutes(out: pathlib.Path, tasks) -> dict[str, dict]:
   """Minutes of training epochs in every log, per task and part: counted
   from the logs, so a resumed run counts the work of all its sessions."""
+  def logged(root: pathlib.Path) -> float:
+    return sum(line["time_s"] for log in root.glob("**/log.jsonl")
+               for line in train.read_log(log)) / 60
+
   minutes = {}
   for task in tasks:
-    parts = {"tuning": out / task / "tuning", "evaluation": out / task}
-    minutes[task] = {
-        part: sum(line["time_s"] for log in root.glob("**/log.jsonl")
-                  if part == "tuning" or "tuning" not in log.parts
-                  for line in train.read_log(log)) / 60
-        for part, root in parts.items()}
+    tuning = logged(out / task / "tuning")
+    minutes[task] = {"tuning": tuning,
+                     "evaluation": logged(out / task) - tuning}
   return minutes
 
 
