@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 from scipy.spatial import distance
-from skimage.morphology import skeletonize
+from skimage import morphology
 
 from topojax import metrics
+from topojax.skeleton import skeletonize
 
 
 def _box(shape, *boxes):
@@ -183,20 +184,20 @@ def test_empty_mask_answers(pred, gt, expected):
   assert found == expected
 
 
-# clDice (Shit et al. 2021). The hand computations rest on the skeletons,
-# which each test first checks against the voxels it names:
+# clDice (Shit et al. 2021). The hand computations rest on the skeletons
+# (topojax.skeletonize, Lee's thinning in 2D and 3D), which each test first
+# checks against the voxels it names:
 # * a 3D tube of 3 x 3 voxels along X, x = 1..20, thins to its centre line,
 #   all 20 voxels (Lee keeps the line's ends);
-# * a one-voxel-wide 2D line is its own skeleton (Zhang removes no pixel of
-#   a curve one pixel wide: none has exactly one 0 -> 1 transition around
-#   it and at least two neighbours, ends have one neighbour).
+# * a one-voxel-wide 2D line is its own skeleton (no pixel of it is simple:
+#   an inner one joins two pieces, an end is a line's end).
 TUBE = _box((22, 15, 7), np.s_[1:21, 2:5, 2:5])
 TUBE_AXIS = _box((22, 15, 7), np.s_[1:21, 3, 3])
 LINE = _box((22, 12), np.s_[1:21, 3])
 
 
 def _tprec_tsens(pred, gt):
-  """Tprec and Tsens from skimage's skeletons, for the tests' checks."""
+  """Tprec and Tsens from the skeletons, for the tests' checks."""
   s_pred, s_gt = skeletonize(pred), skeletonize(gt)
   return (s_pred & gt).sum() / s_pred.sum(), (s_gt & pred).sum() / s_gt.sum()
 
@@ -251,11 +252,13 @@ def test_cldice_of_a_spurious_branch_3d():
 
 def test_cldice_of_a_spurious_branch_2d():
   # A one-pixel branch x = 10, y = 4..9 on the 20-pixel line: the skeleton
-  # is the T itself, 26 pixels of which 20 lie in the label.
+  # is the T less its junction pixel (simple: its three neighbours touch at
+  # corners, as in 3D above), 25 pixels of which 19 lie in the label.
   pred = LINE | _box(LINE.shape, np.s_[10, 4:10])
-  np.testing.assert_array_equal(skeletonize(pred), pred)
+  np.testing.assert_array_equal(
+      skeletonize(pred), pred & ~_box(LINE.shape, np.s_[10, 3]))
   assert metrics.cldice(pred, LINE) == pytest.approx(
-      2 * (20 / 26) / (20 / 26 + 1))
+      2 * (19 / 25) / (19 / 25 + 1))
 
 
 def test_cldice_of_a_broken_tube_is_below_one_but_not_by_dice():
@@ -270,15 +273,28 @@ def test_cldice_of_a_broken_tube_is_below_one_but_not_by_dice():
 
 
 @pytest.mark.parametrize("side", [2, 4])
-def test_cldice_of_a_cube_that_lee_thins_away(side):
-  # skimage's Lee thinning removes a 2x2x2 or 4x4x4 cube entirely; without
-  # the deepest voxel kept in its place, the exact prediction of a cube
-  # would score 0 (Tprec and Tsens both 0 / 0).
+def test_cldice_of_a_cube_that_scikit_image_thins_away(side):
+  # scikit-image's Lee thinning removes a 2x2x2 or 4x4x4 cube entirely (its
+  # issue 3757), so clDice on its skeletons would score the exact prediction
+  # of a cube 0 (Tprec and Tsens both 0 / 0). topojax's skeleton keeps the
+  # cube's one component.
   cube = _box((side + 2,) * 3, (np.s_[1:side + 1],) * 3)
-  assert not skeletonize(cube).any()
-  kept = metrics._skeleton(cube)
-  assert kept.sum() == 1 and cube[kept].all()
+  assert not morphology.skeletonize(cube).any()
+  kept = skeletonize(cube)
+  assert kept.any() and cube[kept].all()
   assert metrics.cldice(cube, cube) == 1.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cldice_of_a_mask_against_itself_is_one(seed):
+  # Random blobs, bars of even cross-section: every component has a
+  # skeleton, which lies in the mask, so Tprec = Tsens = 1 exactly.
+  rng = np.random.default_rng(seed)
+  mask = _box((20, 18, 16), np.s_[2:6, 2:6, 1:15],
+              np.s_[10:18, 8:16, 3:13])
+  mask |= rng.random(mask.shape) < 0.2
+  assert metrics.cldice(mask, mask) == 1.0
+  assert metrics.cldice(mask[..., 5], mask[..., 5]) == 1.0
 
 
 def test_cldice_when_neither_skeleton_meets_the_other_mask():

@@ -31,6 +31,7 @@ _PUBLIC = {
         "TaskProtocol", "default_split", "iterate_batches", "load_case",
         "load_dataset", "make_split", "preprocess_image", "read_task",
         "write_prediction"),
+    "topojax.skeleton": ("skeletonize", "skeletonize_batch"),
     "topojax.synthetic": ("SynthConfig", "generate_task"),
     "topojax.unet": ("UNet", "count_parameters", "probabilities"),
     "topojax.train": (

@@ -40,7 +40,8 @@ import numpy as np
 from scipy import ndimage
 from scipy import spatial
 from scipy import stats
-from skimage import morphology
+
+from topojax import skeleton
 
 
 def _as_mask(mask, name: str) -> np.ndarray:
@@ -132,40 +133,15 @@ def recall(pred, gt) -> float:
   return _share_in(gt, pred)
 
 
-def _skeleton(mask: np.ndarray) -> np.ndarray:
-  """The one-voxel-thick skeleton of a bool mask, ``(X, Y)`` or ``(X, Y, Z)``.
-
-  ``skimage.morphology.skeletonize`` (Zhang's thinning in 2D, Lee's in 3D),
-  except that a component it thins away entirely keeps one of its deepest
-  voxels (largest Euclidean distance to the background): Lee's thinning
-  removes some solids with even sides completely (a 2×2×2 or 4×4×4 cube),
-  which would make a predicted blob count as no skeleton at all.
-
-  Returns:
-    A bool array of ``mask``'s shape, inside ``mask``, with at least one
-    voxel in each of its components.
-  """
-  thin = morphology.skeletonize(mask)
-  components, count = ndimage.label(mask, _full_connectivity(mask.ndim))
-  kept = np.unique(components[thin])  # Skeleton voxels lie in the mask.
-  if kept.size < count:
-    # Padded: the volume's outside is background, as for the thinning.
-    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[
-        (slice(1, -1),) * mask.ndim]
-    lost = np.setdiff1d(np.arange(1, count + 1), kept)
-    for position in ndimage.maximum_position(depth, components, lost):
-      thin[position] = True
-  return thin
-
-
 def cldice(pred, gt) -> float:
   """Centerline Dice (clDice) of Shit et al., CVPR 2021, on binary masks.
 
-  With ``S(M)`` the skeleton of a mask (``skimage.morphology.skeletonize``:
-  Zhang's thinning in 2D, Lee's in 3D, one voxel thick; a component that
-  Lee's thinning removes entirely, such as a 4×4×4 cube, keeps its deepest
-  voxel), topology precision ``Tprec = |S(P)∩G| / |S(P)|`` is the share of
-  the predicted centre lines inside the label, topology sensitivity
+  With ``S(M)`` the skeleton of a mask (:func:`topojax.skeletonize`: Lee's
+  thinning in 2D and 3D, one voxel thick, with the mask's Betti numbers;
+  the authors' scikit-image thins some parts two voxels thick away
+  entirely, such as a 4×4×4 cube, leaving such a component no centre line),
+  topology precision ``Tprec = |S(P)∩G| / |S(P)|`` is the share of the
+  predicted centre lines inside the label, topology sensitivity
   ``Tsens = |S(G)∩P| / |S(G)|`` the share of the label's centre lines that
   the prediction covers, and clDice their harmonic mean
   ``2·Tprec·Tsens / (Tprec + Tsens)``. A tube predicted thinner than its
@@ -189,8 +165,8 @@ def cldice(pred, gt) -> float:
     return 1.0
   # An empty mask has an empty skeleton, which _share_in counts as nothing
   # covered (0) since the other mask is not empty.
-  t_prec = _share_in(_skeleton(pred), gt)
-  t_sens = _share_in(_skeleton(gt), pred)
+  t_prec = _share_in(skeleton.skeletonize(pred), gt)
+  t_sens = _share_in(skeleton.skeletonize(gt), pred)
   if t_prec + t_sens == 0:
     return 0.0
   return 2.0 * t_prec * t_sens / (t_prec + t_sens)

@@ -18,8 +18,13 @@ The tube, :func:`tubed_skeleton`, as the authors build it:
 
 1. binarise the label: the foreground is the union of the classes (the
    channels from ``start_channel`` on);
-2. skeletonise it with ``skimage.morphology.skeletonize`` (Zhang–Suen in 2D,
-   Lee's thinning in 3D);
+2. skeletonise it: the authors call ``skimage.morphology.skeletonize``
+   (Zhang–Suen's thinning in 2D, Lee's in 3D); topojax takes its own
+   :func:`topojax.skeletonize`, Lee's thinning in 2D and 3D, which equals
+   scikit-image's Lee thinning except where that one deletes a part two
+   voxels thick whole (a vessel of even width loses its centreline, and the
+   loss its tube there; scikit-image issue 3757). This is the one import of
+   the losses from the rest of topojax: the thinning is NumPy and numba;
 3. dilate the skeleton twice by the face-connected cross (4-neighbourhood in
    2D, 6 in 3D): the tube is every voxel within city-block distance 2 of the
    skeleton;
@@ -43,9 +48,9 @@ Shapes are channels-last: 3D ``(N, X, Y, Z, C)``, 2D ``(N, X, Y, C)``.
 Cost: the loss is a fused elementwise product and two reductions, linear in
 the voxels, with no extra memory beyond the tube (one byte per voxel as a
 boolean). The tube costs one thinning per sample on the host, on one core
-about 0.1 s for a thin vessel tree in a 128³ label and 0.5 s for blobs
-filling 30% of it, so compute it when the labels are loaded, not inside the
-training step.
+hundredths of a second for a thin vessel tree in a 128³ label and tenths for
+blobs filling a third of it (``python -m benchmarks.skeleton``), so compute
+it when the labels are loaded, not inside the training step.
 """
 
 from __future__ import annotations
@@ -71,20 +76,20 @@ def _is_traced(value) -> bool:
 def _tube(mask: np.ndarray, radius: int) -> np.ndarray:
   """The skeleton of a boolean ``(X, Y[, Z])`` mask dilated ``radius`` times
   by the face-connected cross; not yet restricted to the mask."""
-  # Imported here: scikit-image and scipy.ndimage add 0.3 s to
+  # Imported here: numba and scipy.ndimage add tenths of a second to
   # `import topojax.losses`, and only the host-side tube needs them.
   # pylint: disable=import-outside-toplevel
   from scipy import ndimage
-  from skimage import morphology
+  from topojax import skeleton as thinning
   tube = np.zeros(mask.shape, bool)
   nonzero = np.nonzero(mask)
   if not nonzero[0].size:
     return tube  # skeletonize of nothing is nothing; skip the work.
   # Thinning and dilation are run on the foreground's bounding box only: the
-  # thinning pads the image with background itself, so the skeleton is the
+  # outside of the box is background to the thinning, so the skeleton is the
   # same, and the tube is later cut to the mask, which lies inside the box.
   box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in nonzero)
-  skeleton = morphology.skeletonize(mask[box])
+  skeleton = thinning.skeletonize(mask[box])
   if radius:
     cross = ndimage.generate_binary_structure(mask.ndim, 1)
     skeleton = ndimage.binary_dilation(skeleton, cross, iterations=radius)
@@ -143,7 +148,7 @@ def tubed_skeleton(
   if _is_traced(label):
     raise ValueError(
         "label must be a concrete array: tubed_skeleton runs on the host "
-        "(NumPy and scikit-image), so call it outside jax.jit / jax.vmap, "
+        "(NumPy and numba), so call it outside jax.jit / jax.vmap, "
         "once per case")
   label = np.asarray(_checks.as_array(label, "label"))
   _checks.check_layout("label", label.shape)
