@@ -344,12 +344,11 @@ def _thin_mask(mask: np.ndarray, *, recheck: int | None = None
   # A volume one voxel thick along X (a 2D mask included) is peeled from the
   # four other sides only, as scikit-image does.
   num_directions = 4 if volume.shape[0] == 1 else 6
-  boxes = ndimage.find_objects(volume.view(np.uint8))
-  if not boxes:
+  if not volume.any():
     return skeleton, 0
   # Thinning is local and the outside is background, so the foreground's
   # bounding box gives the same skeleton.
-  box = boxes[0]
+  box = ndimage.find_objects(volume.view(np.uint8))[0]
   thin, vetoes = _run(volume[box], num_directions,
                       _EULER if recheck is None else recheck)
   if recheck is None and len(vetoes):
