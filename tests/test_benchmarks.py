@@ -58,3 +58,21 @@ def test_cldice_memory_is_read_from_the_compiled_steps():
   assert min(total.values()) >= 3 * 16**3 * 4
   # The custom VJP keeps one-byte winner codes, not XLA's pooled copies.
   assert total[bench.CLDICE] < total[bench.CLDICE_OLD]
+
+
+def test_skeleton_quick_run_times_both_thinnings_and_writes_its_outputs(
+    tmp_path):
+  from benchmarks import skeleton as skeleton_bench
+  assert skeleton_bench.main(["--quick", "--repeats", "1", "--out",
+                              str(tmp_path)]) == 0
+  report = json.loads((tmp_path / "skeleton.json").read_text())
+  assert {r["kind"] for r in report["records"]} == set(skeleton_bench.KINDS)
+  for record in report["records"]:
+    assert record["size"] == skeleton_bench.QUICK_SIZES[0]
+    assert record["topojax"]["median_s"] > 0
+    assert record["scikit-image"]["median_s"] > 0
+  assert report["threads"][0]["workers"] == 1
+  assert "| blobs | 24³ |" in (tmp_path / "skeleton.md").read_text()
+  assert (tmp_path / "skeleton.png").read_bytes().startswith(b"\x89PNG")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    skeleton_bench.main(["--quick", "--out", str(tmp_path)])
