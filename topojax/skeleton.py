@@ -261,19 +261,22 @@ def _thin(img, shape, num_directions, recheck, tables, bases):
       deleted = 0
       for k in range(num_candidates):
         v = candidates[k]
-        word = _word(img, v, offsets)
-        neighbours = word & ~(1 << _CENTRE)
-        if not _one_piece_at_most(neighbours):
-          continue
-        if recheck != _CONNECTIVITY_ONLY and not _keeps_euler(word, tables,
-                                                              bases):
-          if num_vetoes == vetoes.size:
-            vetoes = np.concatenate((vetoes, np.empty_like(vetoes)))
-          vetoes[num_vetoes] = v
-          num_vetoes += 1
-          continue
-        if recheck == _EULER_AND_ENDS and _single(neighbours):
-          continue
+        # A verdict still standing was given on this very neighbourhood: the
+        # voxel passes every test of the re-check.
+        if verdict[v] != _DELETABLE:
+          word = _word(img, v, offsets)
+          neighbours = word & ~(1 << _CENTRE)
+          if not _one_piece_at_most(neighbours):
+            continue
+          if recheck != _CONNECTIVITY_ONLY and not _keeps_euler(word, tables,
+                                                                bases):
+            if num_vetoes == vetoes.size:
+              vetoes = np.concatenate((vetoes, np.empty_like(vetoes)))
+            vetoes[num_vetoes] = v
+            num_vetoes += 1
+            continue
+          if recheck == _EULER_AND_ENDS and _single(neighbours):
+            continue
         img[v] = 0
         deleted += 1
         for i in range(27):
