@@ -25,12 +25,17 @@ second condition, so when both layers of a part two voxels thick are listed
 together, the second layer's voxels pass the re-check after the first
 layer has gone, even as the last voxels of the part: straight bars of even
 cross-section, boxes with an even side and some balls vanish entirely
-(scikit-image issue 3757). Here the re-check tests both conditions. Where
-it refuses a deletion that scikit-image makes, the thinning goes on from a
-different image, so the two skeletons differ from there on; everywhere
-else they are equal voxel for voxel. Thinning is local (a voxel's
-neighbourhood holds only its own 26-connected component), so this holds
-component by component.
+(scikit-image issue 3757). Here the re-check tests both conditions.
+Thinning is local (a voxel's neighbourhood holds only its own 26-connected
+component), so where the Euler test never refuses a deletion in a
+component, the component's skeleton is scikit-image's voxel for voxel.
+Where it does refuse one, the part two voxels thick has already been eaten
+from one end, its second layer's voxels deleted one after the other as
+each became a line's end, down to the voxel that the Euler test keeps. So
+such a component is thinned again with a re-check that also keeps a voxel
+the earlier deletions left with a single neighbour (as the candidates'
+test does): the part keeps its centre line, and the component its
+topology.
 
 Connectivity is 26 for the foreground and 6 for the background in 3D
 (8 and 4 in 2D), as in the metrics' Betti numbers: the skeleton keeps every
@@ -355,13 +360,9 @@ def _thin_mask(mask: np.ndarray, *, recheck: int | None = None
   thin, vetoes = _run(volume[box], num_directions,
                       _EULER if recheck is None else recheck)
   if recheck is None and len(vetoes):
-    # Where the Euler test refused a deletion, both layers of a part two
-    # voxels thick were candidates together, and the connectivity test let
-    # the second layer's voxels go one after the other from a line's end
-    # (scikit-image deletes the line's last voxel too). Thinned again
-    # keeping the ends that the deletions make, such a part keeps its
-    # centre line. Thinning is local to a 26-connected component, so the
-    # other components keep scikit-image's skeleton.
+    # A part two voxels thick was eaten from one end there (see the module
+    # docstring): its component is thinned again keeping lines' new ends;
+    # the other components keep scikit-image's skeleton.
     components = ndimage.label(volume[box], np.ones((3, 3, 3), bool))[0]
     found = ndimage.find_objects(components)
     for label in np.unique(components[tuple(vetoes.T)]):
