@@ -334,7 +334,8 @@ def test_cli_rejects_two_runs_with_one_name(task, capsys):
 
 @pytest.mark.parametrize("module", ["metrics", "postprocess", "evaluate"])
 def test_evaluation_needs_neither_jax_nor_the_model(module):
-  # DESIGN.md §2: evaluation works on NumPy masks with SciPy.
+  # DESIGN.md §2: evaluation works on NumPy masks with SciPy (and
+  # topojax's own thinning, NumPy and numba, for clDice's skeletons).
   path = pathlib.Path(evaluate.__file__).with_name(f"{module}.py")
   imported = set()
   for node in ast.walk(ast.parse(path.read_text())):
@@ -347,4 +348,4 @@ def test_evaluation_needs_neither_jax_nor_the_model(module):
   roots = {name.split(".")[0] for name in imported}
   assert not roots & {"jax", "flax", "optax", "orbax", "torch"}
   assert {name for name in imported if name.startswith("topojax.")} <= {
-      "topojax.metrics", "topojax.postprocess"}
+      "topojax.metrics", "topojax.postprocess", "topojax.skeleton"}
