@@ -119,19 +119,13 @@ def threads(*, batch, size, repeats, log=print) -> list[dict]:
 
 def environment(load_at_start) -> dict:
   """Machine, versions and load, for the record."""
-  cpu = platform.processor()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
+  from llvmlite import binding  # numba's LLVM, which compiled the kernel.
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "command": "python -m benchmarks.skeleton " + " ".join(sys.argv[1:]),
-      "cpu": cpu, "cpu_count": os.cpu_count(),
+      "cpu": f"{platform.machine()} ({binding.get_host_cpu_name()})",
+      "cpu_count": os.cpu_count(),
       "load_average_start": list(load_at_start),
       "load_average_end": list(os.getloadavg()),
       "versions": {p: importlib.metadata.version(p)
@@ -192,15 +186,12 @@ def plot(records, path) -> None:
       voxels, seconds = zip(*points)
       ax.plot(voxels, np.array(seconds) * 1e3, style, marker=marker,
               label=f"{method}, {kind}")
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlabel("voxels")
-  ax.set_ylabel("skeleton, ms (median, one core)")
-  ax.set_title("Lee's thinning: topojax and scikit-image")
+  ax.set(xscale="log", yscale="log", xlabel="voxels",
+         ylabel="skeleton, ms (median, one core)",
+         title="Lee's thinning: topojax and scikit-image")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
