@@ -8,6 +8,7 @@ Lee thinning wherever the added Euler re-check never refuses a deletion.
 
 import dataclasses
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -289,6 +290,23 @@ def test_batch_on_threads_equals_one_call_each():
       np.testing.assert_array_equal(f, e)
   stacked = np.stack([masks[0], masks[0]])
   assert len(skeleton.skeletonize_batch(stacked, num_workers=2)) == 2
+
+
+def test_kernel_releases_the_gil():
+  # While a worker thread thins, this thread keeps running Python: the
+  # kernel holds no GIL, so a batch's masks can be thinned in parallel.
+  mask = np.zeros((64, 64, 64), bool)
+  mask[4:60, 4:60, 4:60] = True
+  skeleton.skeletonize(mask[:8])  # Compiled (or loaded) beforehand.
+  done = threading.Event()
+  worker = threading.Thread(
+      target=lambda: (skeleton.skeletonize(mask), done.set()))
+  spins = 0
+  worker.start()
+  while not done.is_set():
+    spins += 1
+  worker.join()
+  assert spins > 1000
 
 
 def test_empty_and_full_edge_cases():
