@@ -115,6 +115,24 @@ def test_precomputed_label_skeleton_matches_torch_reference(name):
                - expected) > 1e-6
 
 
+@pytest.mark.parametrize("shape", [(3, 20, 17, 15, 2), (2, 9, 30, 1)])
+def test_host_distances_on_bounding_boxes_equal_whole_volume_ones(shape):
+  rng = np.random.default_rng(1)
+  sigma = (0, *[2] * (len(shape) - 2), 0)
+  masks = ndimage.gaussian_filter(rng.standard_normal(shape), sigma) > 0.6
+  masks[0, ..., 0] = False  # Nothing.
+  masks[-1, :3, :4, ..., -1] = True  # Touching the volume's border.
+  masks[-1, 5, 6, ..., 0] = True
+  expected = np.zeros(shape)
+  for n in range(shape[0]):
+    for c in range(shape[-1]):
+      expected[n, ..., c] = ndimage.distance_transform_edt(masks[n, ..., c])
+  distances = cbdice._host_distances(masks, spatial_ndim=len(shape) - 2,
+                                     dtype=np.float64)
+  np.testing.assert_array_equal(distances, expected)
+  assert expected.max() > 2
+
+
 def test_one_sample_one_channel_is_one_plus_the_authors_value():
   pred, target = _case((1, 20, 18, 16, 1), seed=3)
   authors = torch_reference.authors_cbdice(
