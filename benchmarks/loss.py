@@ -21,8 +21,8 @@ then the median of several repeats) of:
 * the tests' PyTorch transcription of the authors' cbDice
   (``SoftcbDiceLoss``, per sample as topojax reduces it);
 * the persistent-homology losses of ``topolosses`` (Betti matching, Hu et
-  al.'s TopoLoss), when installed; these, topojax's persistent-homology
-  losses and both cbDice within a time budget each;
+  al.'s TopoLoss), when installed; these and topojax's persistent-homology
+  losses within a time budget each, both cbDice up to 128³;
 * a NumPy copy of the prediction's bytes, the memory floor;
 * the host-side losses on one worker thread and on every core, on a
   training batch (4 × 32³) and a large one (2 × 96³);
@@ -106,10 +106,12 @@ RELATED = {"ppl": (FEATURES, REFERENCE, TORCH),
 TORCH_METHODS = (TORCH, CLDICE_TORCH, CBDICE_TORCH)
 # topolosses' classes, in tests/torch_reference.TOPOLOSSES.
 PEERS = {BETTI: "BettiMatchingLoss", HUTOPO: "HutopoLoss"}
-# Persistent homology grows faster than the volume, and cbDice's host
-# distance transforms are slow at the largest inputs: these get a time
-# budget.
-SLOW = (PH, BETTI_JAX, BETTI, HUTOPO, CBDICE, CBDICE_TORCH)
+# Persistent homology grows faster than the volume: these get a time budget.
+SLOW = (PH, BETTI_JAX, BETTI, HUTOPO)
+# Voxels per sample beyond which a method is not timed: cbDice's distance
+# transforms on one core and its PyTorch transcription would take minutes
+# at the paper's shape. These, like SLOW, run at most 2 repeats.
+LARGEST = {CBDICE: 128**3, CBDICE_TORCH: 128**3}
 # topolosses 0.2.0's CLDiceLoss raises on anything but (N, C, H, W).
 CLDICE_NOTE = ("\"clDice, PyTorch\" is the tests' transcription of the "
                "authors' 3D code: topolosses' CLDiceLoss takes 2D input only")
@@ -317,7 +319,12 @@ def run(*, sizes, batches, repeats, peers, peer_budget_s, losses=None,
                                                 for m in chosen):
         record = {"method": name, "shape": list(shape), "voxels": voxels}
         budget = budgets.get(name)
-        n = min(repeats, 2) if budget else repeats
+        n = min(repeats, 2) if budget or name in LARGEST else repeats
+        if voxels // batch > LARGEST.get(name, voxels):
+          record["skipped"] = "larger than the inputs this method is timed on"
+          records.append(record)
+          log(f"{str(shape):22} {name:30} skipped (size)")
+          continue
         if budget and not budget.allows(voxels, 2 * (n + 1)):
           record["skipped"] = (f"time budget of {peer_budget_s:.0f} s would "
                                "be exceeded")
@@ -547,8 +554,9 @@ def markdown(records, env, parallel=(), memory=()):
   else:
     lines += [f"Peers from topolosses, topological term only; {CLDICE_NOTE}; "
               "\"budget\" marks inputs a persistent-homology loss skipped to "
-              "keep the run short. \"PyTorch ÷ topojax\" compares the "
-              "Projected Pooling Loss.", ""]
+              "keep the run short; cbDice is timed up to 128³ per sample. "
+              "\"PyTorch ÷ topojax\" compares the Projected Pooling Loss.",
+              ""]
   for mode, title in (("forward_backward", "Forward + backward"),
                       ("forward", "Forward")):
     cols = [m for m in methods if not (mode == "forward" and m == FLOOR)]
@@ -561,7 +569,7 @@ def markdown(records, env, parallel=(), memory=()):
       for m in cols:
         r = table.get((shape, m))
         if r is not None and "skipped" in r:
-          cells.append("budget")
+          cells.append("budget" if m in SLOW else "–")
         else:
           cells.append(_ms(_median(r, mode)))
       fast = _median(table.get((shape, FAST)), mode)
@@ -714,9 +722,8 @@ def main(argv=None):
                       help="timed calls per method and input (default 7; "
                       "at most 2 for persistent-homology losses)")
   parser.add_argument("--peer-budget", type=float, default=120.0,
-                      help="seconds each budgeted method (persistent "
-                      "homology, cbDice) may take over all inputs "
-                      "(default 120)")
+                      help="seconds each persistent-homology loss may take "
+                      "over all inputs (default 120)")
   parser.add_argument("--losses", nargs="+", choices=tuple(TOPOJAX),
                       metavar="LOSS",
                       help="time only these losses of the training table "
