@@ -512,9 +512,9 @@ def summary(records):
       if fb(table.get((shape, BETTI))) and fb(table.get((shape, BETTI_JAX)))}
   # cbDice: the tests' PyTorch transcription of the authors' code ÷ topojax.
   out["cbdice_torch_over_cbdice"] = {
-      str(shape): fb(table[(shape, CBDICE_TORCH)]) / fb(table[(shape, CBDICE)])
-      for shape in shapes
-      if fb(table.get((shape, CBDICE_TORCH))) and fb(table.get((shape, CBDICE)))}
+      str(shape): ratio(shape, CBDICE_TORCH, CBDICE) for shape in shapes
+      if fb(table.get((shape, CBDICE_TORCH))) and fb(table.get((shape,
+                                                                 CBDICE)))}
   per_voxel = [fb(table.get((s, FAST))) / np.prod(s) for s in shapes
                if fb(table.get((s, FAST)))]
   out["fast_per_voxel_spread"] = (max(per_voxel) / min(per_voxel)

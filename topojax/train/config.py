@@ -7,8 +7,8 @@ dataclass is made, so a bad file raises a ``ValueError`` naming the field
 before anything is loaded or traced.
 
 Loss names: ``LOSSES`` are the ones a phase can train with, the keys of
-``topojax.train.losses.LOSS_TABLE`` (which says what each is); ``resolve_loss`` maps the
-older names onto them.
+``topojax.train.losses.LOSS_TABLE`` (which says what each is);
+``resolve_loss`` maps the older names onto them.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Following the Flax examples, a phase is a ``train_step`` and an
 * ``create_model``, ``init_state``: the U-Net of a ``TrainConfig`` and its
   Adam state, made on the devices;
 * ``make_loss``, ``make_optimizer``: the training loss by name (a row of
-  ``losses.LOSS_TABLE``) and the paper's Adam; ``training_targets``, the
-  labels as the train step of a loss reads them;
+  ``topojax.train.LOSS_TABLE``) and the paper's Adam; ``training_targets``,
+  the labels as the train step of a loss reads them;
 * ``make_train_step``, ``make_eval_step``: the jit-compiled steps;
 * ``data_mesh``, ``to_global``, ``pad_batch``: the devices, and host
   batches made into arrays split over them.
@@ -69,7 +69,7 @@ def make_loss(name: str, *, dice_weight: float, kernel_sizes: Sequence[int],
               ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """``loss(logits, targets) -> scalar`` for ``name`` in ``LOSSES``.
 
-  The row of ``losses.LOSS_TABLE`` (this package's): the Dice loss alone
+  The row of ``topojax.train.LOSS_TABLE``: the Dice loss alone
   (``topojax.losses.dice_loss``, sigmoid for one channel, softmax
   otherwise, averaged over the batch) where it has no function, else its
   topological loss of the probabilities, with the settings it takes
@@ -102,12 +102,12 @@ def training_targets(loss: str, labels: np.ndarray, rows: Sequence[int], *,
                      normalize: bool = False) -> np.ndarray:
   """What the train step of ``loss`` reads as labels, for the cases ``rows``.
 
-  The labels themselves, unless the loss's row of ``losses.LOSS_TABLE`` has
-  a ``prepare``: then the labels with what it prepares from them (Skeleton
-  Recall's tubed skeletons) as ``C`` more channels, computed once here, on
-  the host, for the cases ``rows`` (the training cases; the others' are left
-  zero, as no step reads them). Being channels of the label, they are
-  flipped with it by the batches.
+  The labels themselves, unless the loss's row of
+  ``topojax.train.LOSS_TABLE`` has a ``prepare``: then the labels with what
+  it prepares from them (Skeleton Recall's tubed skeletons) as ``C`` more
+  channels, computed once here, on the host, for the cases ``rows`` (the
+  training cases; the others' are left zero, as no step reads them). Being
+  channels of the label, they are flipped with it by the batches.
 
   Args:
     loss: a name in ``LOSSES``.
