@@ -50,6 +50,11 @@ def test_names_agree_with_the_config_cli_and_comparison():
              if "--phase2-loss" in a.option_strings]
   assert list(action.choices) == [*TABLE, *loss_table.LEGACY_NAMES]
   assert "cbdice" in action.choices and "tversky" not in action.choices
+  common = ["train", "--config", "c.json", "--data", "d", "--out", "o"]
+  parsed = cli.build_parser().parse_args([*common, "--phase2-loss", "cbdice"])
+  assert parsed.phase2_loss == "cbdice"
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args([*common, "--phase2-loss", "tversky"])
   from experiments import compare_losses
   from experiments import reproduce
   assert set(compare_losses.VARIANTS.values()) == set(TABLE)
