@@ -3,21 +3,26 @@
 Times the forward pass and the forward + backward pass (float32, a warm-up,
 then the median of several repeats) of:
 
-* topojax's Projected Pooling Loss (its fast path), with the label as target
-  and with the target's pooled features computed once beforehand
-  (``pooled_target_features``), as a training loop would;
+* every topological loss of topojax's training table
+  (``topojax.train.LOSS_TABLE``), with what the table prepares once per
+  case (Skeleton Recall's tubed skeleton) computed beforehand, as training
+  does: the Projected Pooling Loss (its fast path) and PPL-norm, clDice, the
+  persistent-homology losses (Hu et al.; Betti matching, on topojax's own
+  compiled kernel), Skeleton Recall and cbDice; these, and below, named
+  "topojax" and the table's label;
+* the Projected Pooling Loss with the target's pooled features computed
+  once beforehand (``pooled_target_features``);
 * topojax's reference path of it (every max a ``reduce_window``);
 * the PyTorch reference of the tests (``tests/torch_reference.py``);
-* topojax's clDice, its old path through XLA's pooling gradients
+* clDice's old path through XLA's pooling gradients
   (``cldice._reference_loss``), and the tests' PyTorch transcription of the
   authors' 3D soft skeleton (``topolosses``' ``CLDiceLoss`` takes 2D input
   only); and the memory of both topojax paths' compiled forward + backward;
-* topojax's Skeleton Recall loss, with the tubed skeleton of the label
-  computed once beforehand (``tubed_skeleton``), as a training loop would;
-* topojax's persistent-homology losses (Hu et al.; Betti matching, on
-  topojax's own compiled kernel), and the persistent-homology losses of
-  ``topolosses`` (Betti matching, Hu et al.'s TopoLoss), when installed;
-  these four within a time budget each;
+* the tests' PyTorch transcription of the authors' cbDice
+  (``SoftcbDiceLoss``, per sample as topojax reduces it);
+* the persistent-homology losses of ``topolosses`` (Betti matching, Hu et
+  al.'s TopoLoss), when installed; these and topojax's persistent-homology
+  losses within a time budget each, both cbDice up to 128³;
 * a NumPy copy of the prediction's bytes, the memory floor;
 * the host-side losses on one worker thread and on every core, on a
   training batch (4 × 32³) and a large one (2 × 96³);
@@ -29,6 +34,7 @@ section of ``benchmarks/RESULTS.md``::
 
   python -m benchmarks.loss              # full run, a few minutes
   python -m benchmarks.loss --quick      # one small input, no PH losses
+  python -m benchmarks.loss --losses cbdice   # one loss and its peers
 
 The inputs are a synthetic ball label and a blurred, slightly noisy copy of it
 as the prediction: the persistent-homology losses take longer the more
@@ -53,6 +59,8 @@ import time
 import numpy as np
 from scipy import ndimage
 
+from topojax.train import losses as loss_table
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -67,21 +75,43 @@ SIZES = ((32, 32, 32), (64, 64, 64), (96, 96, 96), (128, 128, 128),
 BATCHES = (1, 2)
 QUICK_SIZES, QUICK_BATCHES = ((24, 24, 24),), (1,)
 
-FAST, FEATURES, REFERENCE, TORCH, FLOOR = (
-    "topojax", "topojax, precomputed target", "topojax reference path",
-    "PyTorch reference", "NumPy copy (floor)")
-CLDICE, CLDICE_TORCH = "topojax clDice", "clDice, PyTorch"
+
+
+def topojax_method(name):
+  """The method name of a loss of topojax's training table."""
+  return f"topojax {loss_table.LOSS_TABLE[name].label}"
+
+
+# One method per topological loss of the table, in its order.
+TOPOJAX = {name: topojax_method(name)
+           for name, entry in loss_table.LOSS_TABLE.items()
+           if entry.function is not None}
+FAST, CLDICE, SKELETON, PH, BETTI_JAX, CBDICE = (
+    TOPOJAX[name] for name in ("ppl", "cldice", "skeleton_recall", "hutopo",
+                               "betti_matching", "cbdice"))
+FEATURES, REFERENCE, TORCH, FLOOR = (
+    "topojax PPL, precomputed target", "topojax PPL, reference path",
+    "PPL, PyTorch", "NumPy copy (floor)")
+CLDICE_TORCH, CBDICE_TORCH = "clDice, PyTorch", "cbDice, PyTorch"
 # clDice through XLA's generic pooling gradients: topojax's path before the
 # winner-routing custom VJP, kept as cldice._reference_loss.
 CLDICE_OLD = "topojax clDice, old path"
-SKELETON = "topojax Skeleton Recall"
-PH, BETTI, HUTOPO = ("topojax PH (Hu et al.)", "Betti matching",
-                     "Hu et al. TopoLoss")
-BETTI_JAX = "topojax Betti matching"
+BETTI, HUTOPO = "Betti matching", "Hu et al. TopoLoss"
+# Beside each loss of the table, the other paths and peers timed with it.
+RELATED = {"ppl": (FEATURES, REFERENCE, TORCH),
+           "cldice": (CLDICE_OLD, CLDICE_TORCH),
+           "hutopo": (HUTOPO,), "betti_matching": (BETTI,),
+           "cbdice": (CBDICE_TORCH,)}
+# Timed in PyTorch, on the faster of one thread and torch's default.
+TORCH_METHODS = (TORCH, CLDICE_TORCH, CBDICE_TORCH)
 # topolosses' classes, in tests/torch_reference.TOPOLOSSES.
 PEERS = {BETTI: "BettiMatchingLoss", HUTOPO: "HutopoLoss"}
 # Persistent homology grows faster than the volume: these get a time budget.
 SLOW = (PH, BETTI_JAX, BETTI, HUTOPO)
+# Voxels per sample beyond which a method is not timed: cbDice's distance
+# transforms on one core and its PyTorch transcription would take minutes
+# at the paper's shape. These, like SLOW, run at most 2 repeats.
+LARGEST = {CBDICE: 128**3, CBDICE_TORCH: 128**3}
 # topolosses 0.2.0's CLDiceLoss raises on anything but (N, C, H, W).
 CLDICE_NOTE = ("\"clDice, PyTorch\" is the tests' transcription of the "
                "authors' 3D code: topolosses' CLDiceLoss takes 2D input only")
@@ -120,7 +150,8 @@ def time_call(fn, repeats, warmup=1):
 
 
 def _jax_methods(pred, target):
-  """``{name: (forward, forward_backward)}`` thunks for topojax's paths."""
+  """``{name: (forward, forward_backward)}`` thunks for topojax's paths: each
+  loss of the training table, then the PPL's and clDice's other paths."""
   import jax
 
   from topojax import losses
@@ -129,34 +160,36 @@ def _jax_methods(pred, target):
 
   kernel_sizes = losses.DEFAULT_KERNEL_SIZES
   pred, target = jax.device_put(pred), jax.device_put(target)
-  features = losses.pooled_target_features(target)
-  fast = losses.projected_pooling_loss
-  reference = functools.partial(
+  cases = {}
+  for name, method in TOPOJAX.items():
+    entry = loss_table.LOSS_TABLE[name]
+    loss = entry.topology(kernel_sizes=kernel_sizes)
+    if entry.prepare is None:
+      cases[method] = (loss, (pred, target))
+    else:
+      # Prepared once on the host, as training does (training_targets).
+      cases[method] = (_with_prepared(loss),
+                       (pred, target, entry.prepare(np.asarray(target))))
+  cases[FEATURES] = (losses.projected_pooling_loss,
+                     (pred, losses.pooled_target_features(target)))
+  cases[REFERENCE] = (functools.partial(
       projected_pooling._reference_loss, kernel_sizes=kernel_sizes,
-      strides=kernel_sizes, start_channel=0)
+      strides=kernel_sizes, start_channel=0), (pred, target))
+  cases[CLDICE_OLD] = (cldice._reference_loss, (pred, target))
   methods = {}
-  for name, loss, label in ((FAST, fast, target), (FEATURES, fast, features),
-                            (REFERENCE, reference, target),
-                            (CLDICE, losses.cldice_loss, target),
-                            (CLDICE_OLD, cldice._reference_loss, target),
-                            (PH, losses.hutopo_loss, target),
-                            (BETTI_JAX, losses.betti_matching_loss, target),
-                            (SKELETON, _skeleton_recall(losses),
-                             losses.tubed_skeleton(target))):
+  for name, (loss, args) in cases.items():
     forward = jax.jit(loss)
     forward_backward = jax.jit(jax.value_and_grad(loss))
     methods[name] = (
-        lambda f=forward, t=label: jax.block_until_ready(f(pred, t)),
-        lambda f=forward_backward, t=label: jax.block_until_ready(f(pred, t)))
+        lambda f=forward, a=args: jax.block_until_ready(f(*a)),
+        lambda f=forward_backward, a=args: jax.block_until_ready(f(*a)))
   return methods
 
 
-def _skeleton_recall(losses):
-  """Skeleton Recall of ``(pred, tube)``: the tube, made once on the host as a
-  training loop would, is passed as the loss's target and its ``skeleton``
-  both (the target is read only when no skeleton is given)."""
-  return lambda pred, tube: losses.skeleton_recall_loss(pred, tube,
-                                                        skeleton=tube)
+def _with_prepared(loss):
+  """``loss`` of ``(pred, target, prepared)``: what the table prepares is
+  its ``skeleton``."""
+  return lambda pred, target, prepared: loss(pred, target, skeleton=prepared)
 
 
 def _load_torch_reference():
@@ -239,8 +272,21 @@ class _Budget:
     self.last = (voxels, per_call)
 
 
-def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
-  """Times every method on every input; returns a list of result records."""
+def selected_methods(names=None):
+  """The methods of the table's losses ``names`` (default all) and of their
+  other paths and peers, in table order, then the floor."""
+  names = TOPOJAX if names is None else names
+  return [method for name in TOPOJAX if name in names
+          for method in (TOPOJAX[name], *RELATED.get(name, ()))] + [FLOOR]
+
+
+def run(*, sizes, batches, repeats, peers, peer_budget_s, losses=None,
+        log=print):
+  """Times every method on every input; returns a list of result records.
+
+  ``losses``: names in the training table whose methods are timed (default
+  all); ``peers=False`` leaves out the persistent-homology losses.
+  """
   import torch
 
   torch_reference = _load_torch_reference()
@@ -260,17 +306,25 @@ def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
                                      pred, target)
       methods[CLDICE_TORCH] = _torch_thunks(functools.partial(
           torch_reference.cldice_loss, start_channel=0), pred, target)
-      if not peers:
-        del methods[PH], methods[BETTI_JAX]
+      methods[CBDICE_TORCH] = _torch_thunks(functools.partial(
+          torch_reference.cbdice_loss, start_channel=0), pred, target)
       copy = np.empty_like(pred)
       methods[FLOOR] = (None, lambda: np.copyto(copy, pred))
       for name, cls in peer_classes.items():
         loss = cls(use_base_loss=False, include_background=True, alpha=1.0)
         methods[name] = _torch_thunks(loss, pred, target)
-      for name, (forward, forward_backward) in methods.items():
+      chosen = [m for m in selected_methods(losses) if m in methods
+                and (peers or m not in (PH, BETTI_JAX))]
+      for name, (forward, forward_backward) in ((m, methods[m])
+                                                for m in chosen):
         record = {"method": name, "shape": list(shape), "voxels": voxels}
         budget = budgets.get(name)
-        n = min(repeats, 2) if budget else repeats
+        n = min(repeats, 2) if budget or name in LARGEST else repeats
+        if voxels // batch > LARGEST.get(name, voxels):
+          record["skipped"] = "larger than the inputs this method is timed on"
+          records.append(record)
+          log(f"{str(shape):22} {name:30} skipped (size)")
+          continue
         if budget and not budget.allows(voxels, 2 * (n + 1)):
           record["skipped"] = (f"time budget of {peer_budget_s:.0f} s would "
                                "be exceeded")
@@ -278,7 +332,7 @@ def run(*, sizes, batches, repeats, peers, peer_budget_s, log=print):
           log(f"{str(shape):22} {name:30} skipped (time budget)")
           continue
         start = time.perf_counter()
-        if name in (TORCH, CLDICE_TORCH):
+        if name in TORCH_METHODS:
           record.update(_fastest_threads(forward, forward_backward, n))
           torch.set_num_threads(record["threads"])
         else:
@@ -456,6 +510,11 @@ def summary(records):
       str(shape): fb(table[(shape, BETTI)]) / fb(table[(shape, BETTI_JAX)])
       for shape in shapes
       if fb(table.get((shape, BETTI))) and fb(table.get((shape, BETTI_JAX)))}
+  # cbDice: the tests' PyTorch transcription of the authors' code ÷ topojax.
+  out["cbdice_torch_over_cbdice"] = {
+      str(shape): ratio(shape, CBDICE_TORCH, CBDICE) for shape in shapes
+      if fb(table.get((shape, CBDICE_TORCH))) and fb(table.get((shape,
+                                                                 CBDICE)))}
   per_voxel = [fb(table.get((s, FAST))) / np.prod(s) for s in shapes
                if fb(table.get((s, FAST)))]
   out["fast_per_voxel_spread"] = (max(per_voxel) / min(per_voxel)
@@ -474,9 +533,7 @@ def markdown(records, env, parallel=(), memory=()):
   table = _lookup(records)
   shapes = sorted({tuple(r["shape"]) for r in records},
                   key=lambda s: (s[0], np.prod(s)))
-  methods = [m for m in (FAST, FEATURES, REFERENCE, TORCH, CLDICE,
-                         CLDICE_OLD, CLDICE_TORCH, SKELETON, PH, HUTOPO, BETTI_JAX,
-                         BETTI, FLOOR)
+  methods = [m for m in selected_methods()
              if any(r["method"] == m for r in records)]
   versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
   lines = [
@@ -497,8 +554,9 @@ def markdown(records, env, parallel=(), memory=()):
   else:
     lines += [f"Peers from topolosses, topological term only; {CLDICE_NOTE}; "
               "\"budget\" marks inputs a persistent-homology loss skipped to "
-              "keep the run short. \"PyTorch ÷ topojax\" compares the "
-              "Projected Pooling Loss.", ""]
+              "keep the run short; cbDice is timed up to 128³ per sample. "
+              "\"PyTorch ÷ topojax\" compares the Projected Pooling Loss.",
+              ""]
   for mode, title in (("forward_backward", "Forward + backward"),
                       ("forward", "Forward")):
     cols = [m for m in methods if not (mode == "forward" and m == FLOOR)]
@@ -511,7 +569,7 @@ def markdown(records, env, parallel=(), memory=()):
       for m in cols:
         r = table.get((shape, m))
         if r is not None and "skipped" in r:
-          cells.append("budget")
+          cells.append("budget" if m in SLOW else "–")
         else:
           cells.append(_ms(_median(r, mode)))
       fast = _median(table.get((shape, FAST)), mode)
@@ -551,6 +609,10 @@ def markdown(records, env, parallel=(), memory=()):
       "Betti matching: " + (", ".join(
           f"{shape} {fmt(v)}" for shape, v in
           s["betti_over_topojax_betti"].items()) or "not measured") + ".",
+      "- cbDice, the PyTorch transcription of the authors' code ÷ topojax: "
+      + (", ".join(f"{shape} {fmt(v)}" for shape, v in
+                   s["cbdice_torch_over_cbdice"].items())
+         or "not measured") + ".",
       ""]
   lines += _parallel_lines(parallel) + _cldice_lines(table, memory)
   lines.append(SECTION_END)
@@ -662,11 +724,16 @@ def main(argv=None):
   parser.add_argument("--peer-budget", type=float, default=120.0,
                       help="seconds each persistent-homology loss may take "
                       "over all inputs (default 120)")
+  parser.add_argument("--losses", nargs="+", choices=tuple(TOPOJAX),
+                      metavar="LOSS",
+                      help="time only these losses of the training table "
+                      f"({', '.join(TOPOJAX)}) and their peers; RESULTS.md "
+                      "untouched unless --results is given")
   args = parser.parse_args(argv)
   if args.repeats < 1:
     raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
   results = args.results
-  if results is None and not args.quick:
+  if results is None and not args.quick and args.losses is None:
     results = DEFAULT_RESULTS
   outputs = [args.out / "loss.json", args.out / "loss.png"]
   existing = [str(p) for p in outputs if p.exists()]
@@ -681,9 +748,9 @@ def main(argv=None):
       sizes=QUICK_SIZES if args.quick else SIZES,
       batches=QUICK_BATCHES if args.quick else BATCHES,
       repeats=args.repeats, peers=not args.quick,
-      peer_budget_s=args.peer_budget)
+      peer_budget_s=args.peer_budget, losses=args.losses)
   parallel = memory = ()
-  if not args.quick:
+  if not args.quick and args.losses is None:
     parallel = run_host_parallel(repeats=3)
     memory = cldice_memory(CLDICE_MEMORY_SIZES)
   env = environment(peers_missing, load_at_start)

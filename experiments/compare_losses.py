@@ -12,10 +12,11 @@ The protocol, fixed before the run:
   and "branches" (thin branching tubes among unlabelled fragments). 96 cases
   each: 36 train, 12 validation, 48 test (``split_counts``).
 * Settings: phase 1 pre-trains the U-Net of ``configs/compare_losses.json``
-  with Dice; from its best checkpoint phase 2 fine-tunes seven ways with the
-  same epochs and learning rate: Dice alone, and Dice plus λ times one of the
-  PPL (published scale), PPL-norm, clDice, the PH loss of Hu et al., Betti
-  matching and Skeleton Recall. ``L_dice + λ L_topo`` is trained as
+  with Dice; from its best checkpoint phase 2 fine-tunes with the same epochs
+  and learning rate once per setting: Dice alone, and Dice plus λ times each
+  topological loss of ``topojax.train.LOSS_TABLE`` (the PPL at the published
+  scale, PPL-norm, clDice, the PH loss of Hu et al., Betti matching,
+  Skeleton Recall and cbDice). ``L_dice + λ L_topo`` is trained as
   ``L_topo + (1/λ) L_dice`` (``TrainConfig.dice_weight = 1/λ``): Adam's
   update does not change when the loss is scaled, up to its ε.
 * Fair λ, per task and loss, on a tuning seed (0) that is no evaluation
@@ -26,7 +27,7 @@ The protocol, fixed before the run:
   validation Dice is at least the Dice fine-tuning's minus 0.01, the one of
   lowest mean validation Σ|Δβ| (|Δβ0| + |Δβ1| + |Δβ2| per case), ties to
   the higher Dice; if no λ keeps Dice, the one of highest Dice.
-* Evaluation: seeds 1–5, each with its own phase 1 and the seven settings
+* Evaluation: seeds 1–5, each with its own phase 1 and all settings
   at the chosen λ, every test case segmented once by each setting's best
   checkpoint (validation Dice); paired statistics against Dice fine-tuning
   (``experiments.paired``).
@@ -75,9 +76,10 @@ TASKS = ("components", "loops", "branches")
 NUM_CASES = 96
 TUNING_SEED = 0
 EVAL_SEEDS = (1, 2, 3, 4, 5)
-TOPOLOGY_LOSSES = ("ppl", "ppl_norm", "cldice", "hutopo", "betti_matching",
-                   "skeleton_recall")
-# Phase-2 settings: directory → loss (topojax.train.LOSSES).
+# Every loss of the table but Dice alone, which is the baseline.
+TOPOLOGY_LOSSES = tuple(name for name, entry in train.LOSS_TABLE.items()
+                        if entry.function is not None)
+# Phase-2 settings: directory → loss (topojax.train.LOSS_TABLE).
 VARIANTS = {"dice_ft": "dice", **{loss: loss for loss in TOPOLOGY_LOSSES}}
 GRID = (0.1, 1.0, 10.0)  # λ / λ0.
 DICE_MARGIN = 0.01
@@ -280,7 +282,7 @@ def tune(config, dataset, split, task_dir, tune_dir, *, grid, cache_dir,
 
 def evaluate_seed(config, dataset, split, task_dir, seed_dir, *, weights,
                   cache_dir, progress) -> dict[str, dict]:
-  """One evaluation seed: phase 1, the seven settings at ``weights``, each
+  """One evaluation seed: phase 1, every setting at ``weights``, each
   evaluated on the test cases; setting directory → ``{"cases", "curve",
   "seconds_per_epoch", "loss_ms"}``."""
   phase1 = seed_dir / "phase1"

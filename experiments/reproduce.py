@@ -52,10 +52,9 @@ DEFAULT_CONFIG = ROOT / "configs" / "synthetic.json"
 # (``topojax.train.LOSSES``).
 VARIANTS = {"dice_ft": "dice", "ppl": "ppl", "ppl_norm": "ppl_norm"}
 # Row names of the settings, before their epochs.
-LABELS = {"phase1": "Dice", "dice_ft": "Dice", "ppl": "PPL",
-          "ppl_norm": "PPL-norm", "cldice": "clDice", "hutopo": "PH (Hu)",
-          "betti_matching": "Betti matching",
-          "skeleton_recall": "Skeleton Recall"}
+LABELS = {"phase1": "Dice", "dice_ft": "Dice",
+          **{name: entry.label for name, entry in train.LOSS_TABLE.items()
+             if entry.function is not None}}
 
 
 def setting_names(config: train.TrainConfig,

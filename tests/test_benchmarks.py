@@ -17,10 +17,13 @@ def test_quick_run_times_every_method_and_writes_its_outputs(tmp_path):
 
   report = json.loads((tmp_path / "loss.json").read_text())
   timed = {r["method"]: r for r in report["records"]}
-  expected = {bench.FAST, bench.FEATURES, bench.REFERENCE, bench.TORCH,
-              bench.CLDICE, bench.CLDICE_OLD, bench.CLDICE_TORCH,
-              bench.SKELETON, bench.FLOOR}
+  # Every loss of the training table but the persistent-homology ones
+  # (not in --quick), with the other paths and peers.
+  expected = {*bench.TOPOJAX.values(), bench.FEATURES, bench.REFERENCE,
+              bench.TORCH, bench.CLDICE_OLD, bench.CLDICE_TORCH,
+              bench.CBDICE_TORCH, bench.FLOOR} - {bench.PH, bench.BETTI_JAX}
   assert set(timed) == expected
+  assert {bench.CBDICE, bench.SKELETON, "topojax PPL-norm"} <= set(timed)
   for record in timed.values():
     assert record["shape"] == [1, *bench.QUICK_SIZES[0], 1]
     assert record["forward_backward"]["median_s"] > 0
@@ -31,6 +34,17 @@ def test_quick_run_times_every_method_and_writes_its_outputs(tmp_path):
   assert "## Training step\n\nkept\n" in text
   assert text.count(bench.SECTION_START) == 1
   assert "| (1, 24, 24, 24, 1) |" in text
+
+
+def test_one_loss_is_timed_with_its_peers_alone(tmp_path, monkeypatch):
+  monkeypatch.setattr(bench, "SIZES", bench.QUICK_SIZES)
+  monkeypatch.setattr(bench, "BATCHES", bench.QUICK_BATCHES)
+  assert bench.main(["--losses", "cbdice", "--repeats", "1", "--out",
+                     str(tmp_path)]) == 0
+  report = json.loads((tmp_path / "loss.json").read_text())
+  assert {r["method"] for r in report["records"]} == {
+      bench.CBDICE, bench.CBDICE_TORCH, bench.FLOOR}
+  assert report["summary"]["cbdice_torch_over_cbdice"]
 
 
 def test_refuses_to_overwrite_outputs_before_timing_anything(tmp_path):

@@ -121,7 +121,8 @@ def test_comparison_quick_mode_writes_every_loss(quick_comparison):
   out = root / "out"
   assert set(results["tasks"]) == {"loops"}
   names = ["Dice 2", "Dice 2+2", "PPL 2+2", "PPL-norm 2+2", "clDice 2+2",
-           "PH (Hu) 2+2", "Betti matching 2+2", "Skeleton Recall 2+2"]
+           "PH (Hu) 2+2", "Betti matching 2+2", "Skeleton Recall 2+2",
+           "cbDice 2+2"]
   text = (out / "table.md").read_text()
   result = results["tasks"]["loops"]
   assert "## Task 'loops'" in text
@@ -156,7 +157,7 @@ def test_comparison_quick_mode_writes_every_loss(quick_comparison):
   assert [r["case"] for r in evaluated] == list(split["test"])
   for loss, tuning in result["tuning"]["losses"].items():
     assert tuning["chosen"] == tuning["scale"]  # --quick: λ0 alone.
-  assert "| PH (Hu) 2+2 |" in text and "| Skeleton Recall 2+2 |" in text
+  assert "| PH (Hu) 2+2 |" in text and "| cbDice 2+2 |" in text
   for name in ("topology_vs_time.png", "loops_projections.png",
                "intervals.png", "curves.png"):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,8 @@ def test_make_loss():
                                 kernel_sizes=(2, 4))),
       ("ppl_norm", functools.partial(losses.projected_pooling_loss,
                                      kernel_sizes=(2, 4), normalize=True)),
-      ("cldice", losses.cldice_loss), ("hutopo", losses.hutopo_loss)):
+      ("cldice", losses.cldice_loss), ("hutopo", losses.hutopo_loss),
+      ("cbdice", losses.cbdice_loss)):
     loss = train.make_loss(name, dice_weight=2.0, kernel_sizes=(2, 4))
     np.testing.assert_allclose(
         loss(logits, labels),
@@ -45,3 +46,20 @@ def test_make_loss():
           logits, labels), rtol=1e-6)
   with pytest.raises(ValueError, match="loss must be one of"):
     train.make_loss("tversky", dice_weight=1.0, kernel_sizes=(2,))
+
+
+def test_a_prepared_target_reaches_the_loss_as_its_skeleton():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 12, 12, 12, 1)).astype(np.float32)
+  labels = np.zeros(logits.shape, np.float32)
+  labels[:, 3:9, 2:10, 4:8] = 1
+  targets = train.steps.training_targets("skeleton_recall", labels, [0, 1])
+  tubes = losses.tubed_skeleton(labels)
+  np.testing.assert_array_equal(targets, np.concatenate([labels, tubes], -1))
+  loss = train.make_loss("skeleton_recall", dice_weight=0.5,
+                         kernel_sizes=(2,))
+  probs = 1 / (1 + np.exp(-logits))
+  np.testing.assert_allclose(
+      loss(logits, targets),
+      losses.skeleton_recall_loss(probs, labels, skeleton=tubes)
+      + 0.5 * losses.dice_loss(logits, labels), rtol=1e-5)

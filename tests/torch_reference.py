@@ -12,7 +12,10 @@ gradient to its first maximum:
   with the diagrams from cripser and the matching from gudhi.
 * Skeleton Recall (Kirchhoff et al. 2024) as the authors' nnU-Net code
   computes it: the tubed skeleton of an integer label map, then minus the
-  soft recall.
+  soft recall;
+* cbDice (Shi et al. 2024) as the authors' ``SoftcbDiceLoss`` computes it
+  (PengchengShi1220/cbDice, ``loss/cbdice_loss.py``: soft skeletons, MONAI's
+  distance transform, linear inverse weights), in any float dtype.
 """
 
 import importlib
@@ -230,3 +233,73 @@ def skeleton_recall_loss(pred, skeleton, *, smooth=1e-5, start_channel=1,
     covered, total = covered.sum(0), total.sum(0)
   recall = (covered + smooth) / torch.clip(total + smooth, 1e-8)
   return -recall.mean()
+
+
+def _cbdice_maps(mask, skeleton, dims):
+  """The authors' ``get_weights`` normalisation of one binary ``mask`` and
+  its binary ``skeleton``, ``(B, *spatial)``: the distances clipped to and
+  divided by the largest skeleton radius of each sample, the skeleton radii
+  divided by it, and the linear inverse weight on the skeleton."""
+  from monai.transforms import distance_transform_edt
+  distances = distance_transform_edt(mask).to(mask.dtype)
+  distances = torch.where(mask == 0, 0, distances)
+  radius = torch.where(skeleton == 1, distances, 0)
+  distance_norm, radius_norm, inverse = (torch.zeros_like(distances)
+                                         for _ in range(3))
+  for i in range(radius.shape[0]):
+    largest = max(radius[i].max(), 1)
+    smallest = max(radius[i].min(), 1)
+    distance_norm[i] = torch.clamp(distances[i], max=largest) / largest
+    radius_norm[i] = radius[i] / largest
+    inverse[i] = ((largest - radius[i] + smallest) / largest)**(dims - 1)
+  inverse = torch.where(skeleton == 0, 0, inverse)
+  return distance_norm, radius_norm, inverse
+
+
+def _cbdice_pick(own, other, weight):
+  """``weight`` times ``own`` where only ``own`` is non-zero, else ``other``."""
+  return torch.where((own != 0) & (other == 0), own * weight, other * weight)
+
+
+def authors_cbdice(prob, label, *, iterations=10, smooth=1.0,
+                   label_skeleton=None):
+  """``SoftcbDiceLoss.forward`` from the foreground probability map on:
+  ``prob`` and ``label`` ``(B, *spatial)``, sums over the whole batch, minus
+  the harmonic mean. ``label_skeleton`` replaces the label's soft skeleton
+  (their ``t_skeletonize_flage`` on the label side)."""
+  dims = prob.dim() - 1
+  with torch.no_grad():
+    label = (label > 0).to(prob.dtype)
+    hard = (prob > 0.5).to(prob.dtype)
+    pred_skeleton = soft_skeleton(hard.unsqueeze(1), iterations).squeeze(1)
+    if label_skeleton is None:
+      label_skeleton = soft_skeleton(label.unsqueeze(1),
+                                     iterations).squeeze(1)
+  soft_pred_skeleton = pred_skeleton * prob
+  label_distance, label_radius, label_inverse = _cbdice_maps(
+      label, label_skeleton, dims)
+  pred_distance, pred_radius, pred_inverse = _cbdice_maps(
+      hard, (soft_pred_skeleton > 0.5).to(prob.dtype), dims)
+  q_vl, q_slvl = label_distance * label, label_radius * label
+  q_sl = label_inverse * label_skeleton
+  q_vp, q_spvp = pred_distance * prob, pred_radius * prob
+  q_sp = pred_inverse * soft_pred_skeleton
+  precision = (((q_sp * q_vl).sum() + smooth)
+               / (_cbdice_pick(q_spvp, q_slvl, q_sp).sum() + smooth))
+  sensitivity = (((q_sl * q_vp).sum() + smooth)
+                 / (_cbdice_pick(q_slvl, q_spvp, q_sl).sum() + smooth))
+  return -2 * precision * sensitivity / (precision + sensitivity)
+
+
+def cbdice_loss(pred, target, *, iterations=10, smooth=1.0, start_channel=0,
+                skeleton=None):
+  """topojax's reduction of ``authors_cbdice``: one plus it per sample and
+  channel from ``start_channel`` on (channels-first), then the mean."""
+  terms = []
+  for n in range(pred.shape[0]):
+    for c in range(start_channel, pred.shape[1]):
+      terms.append(1 + authors_cbdice(
+          pred[n:n + 1, c], target[n:n + 1, c] > 0.5, iterations=iterations,
+          smooth=smooth, label_skeleton=None if skeleton is None
+          else (skeleton[n:n + 1, c] > 0.5).to(pred.dtype)))
+  return torch.stack(terms).mean()

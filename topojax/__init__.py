@@ -2,7 +2,7 @@
 
 Built around the Projected Pooling Loss of Fu et al., SPIE Medical Imaging
 2023, beside clDice, the persistent-homology losses of Hu et al. and of
-Betti matching, and Skeleton Recall, on the same conventions.
+Betti matching, Skeleton Recall and cbDice, on the same conventions.
 Arrays are channels-last: 3D ``(N, X, Y, Z, C)``, 2D ``(N, X, Y, C)``.
 
 The public names below are imported on first use (PEP 562), so that the
@@ -19,7 +19,7 @@ _PUBLIC = {
         "hutopo_loss", "max_pool_2d", "pooled_target_features", "project",
         "projected_pooling_loss", "soft_skeleton", "topo_dice_loss",
         "skeleton_recall_loss", "tubed_skeleton", "betti_matching_loss",
-        "with_dice_loss"),
+        "cbdice_loss", "with_dice_loss"),
     "topojax.metrics": (
         "betti_numbers", "case_metrics", "cldice",
         "connected_component_error_2d",

@@ -199,6 +199,23 @@ def _evaluate(args: argparse.Namespace) -> int:
   return 0
 
 
+class _LossNames:
+  """The loss names of ``topojax.train.LOSS_TABLE`` and the older ones, as
+  ``--phase2-loss`` choices: read only when argparse checks a value or
+  prints the help, as the table loads JAX."""
+
+  def _names(self):
+    from topojax.train import losses
+
+    return (*losses.LOSS_TABLE, *losses.LEGACY_NAMES)
+
+  def __contains__(self, name):
+    return name in self._names()
+
+  def __iter__(self):
+    return iter(self._names())
+
+
 def _add_train_arguments(subparsers) -> None:
   """The ``train`` subcommand: the two training phases of one run."""
   train = subparsers.add_parser(
@@ -222,17 +239,11 @@ def _add_train_arguments(subparsers) -> None:
   train.add_argument("--init", metavar="PHASE1_DIR",
                      help="with --phase 2: the finished phase-1 folder to "
                      "fine-tune (default RUN_DIR/phase1)")
-  train.add_argument("--phase2-loss",
-                     choices=("dice", "ppl", "ppl_norm", "cldice", "hutopo",
-                              "betti_matching", "skeleton_recall",
-                              "topo_dice"),
+  train.add_argument("--phase2-loss", choices=_LossNames(), metavar="LOSS",
                      help="override the config's phase-2 loss: 'dice' (the "
                      "paper's Dice 150+150 baseline), or a topological loss "
-                     "+ dice_weight * Dice: 'ppl' (published scale), "
-                     "'ppl_norm' (per pooled cell), 'cldice', 'hutopo' "
-                     "(persistent homology), 'betti_matching', "
-                     "'skeleton_recall'; 'topo_dice' is the older name "
-                     "of 'ppl'")
+                     "+ dice_weight * Dice; one of %(choices)s "
+                     "(topojax.train.LOSS_TABLE describes each)")
   train.add_argument("--seed", type=int,
                      help="override the config's training seed (weights and "
                      "batch order; the split keeps split_seed)")

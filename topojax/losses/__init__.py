@@ -13,6 +13,9 @@ One module per loss, each readable top to bottom:
   comparison image by topojax's compiled host kernel;
 * :mod:`~topojax.losses.skeleton_recall`: Skeleton Recall of Kirchhoff et
   al. (ECCV 2024), soft recall on a tubed label skeleton made on the host;
+* :mod:`~topojax.losses.cbdice`: cbDice of Shi et al. (MICCAI 2024), clDice
+  with each skeleton voxel weighted by the vessel's radius there (distance
+  transforms on the host);
 * :mod:`~topojax.losses.dice`: the Dice loss and ``L_topo + λ·L_dice`` for
   any of them.
 
@@ -24,6 +27,7 @@ tracing, raising a ``ValueError`` that names the argument.
 """
 
 from topojax.losses.betti_matching import betti_matching_loss
+from topojax.losses.cbdice import cbdice_loss
 from topojax.losses.cldice import cldice_loss
 from topojax.losses.cldice import soft_skeleton
 from topojax.losses.dice import dice_loss
@@ -47,4 +51,5 @@ __all__ = (
     "probabilities", "project", "projected_pooling_loss", "soft_skeleton",
     "topo_dice_loss", "with_dice_loss",
     "skeleton_recall_loss", "tubed_skeleton", "betti_matching_loss",
+    "cbdice_loss",
 )

@@ -9,6 +9,9 @@ decide, the test cases are never read here.
 
 One module per concern, each importing only those above it:
 
+* :mod:`~topojax.train.losses`: ``LOSS_TABLE``, the losses a phase can
+  train with, each with its settings, its per-case target preparation and
+  what a user must know of it;
 * :mod:`~topojax.train.config`: ``TrainConfig``, ``PhaseConfig``,
   ``load_config`` (a JSON file per task) and the loss names, ``LOSSES``;
 * :mod:`~topojax.train.steps`: the model, loss and optimiser, the device
@@ -29,6 +32,8 @@ from topojax.train.config import TrainConfig
 from topojax.train.config import load_config
 from topojax.train.config import resolve_loss
 from topojax.train.curves import plot_curves
+from topojax.train.losses import LOSS_TABLE
+from topojax.train.losses import TrainingLoss
 from topojax.train.loop import train
 from topojax.train.loop import train_phase
 from topojax.train.runs import PHASE_DIRS
@@ -44,7 +49,8 @@ from topojax.train.steps import make_train_step
 from topojax.train.validation import validate
 
 __all__ = (
-    "LOSSES", "PHASE_DIRS", "PhaseConfig", "PhaseResult", "TrainConfig",
+    "LOSSES", "LOSS_TABLE", "PHASE_DIRS", "PhaseConfig", "PhaseResult",
+    "TrainConfig", "TrainingLoss",
     "create_model", "data_mesh", "init_state", "load_config",
     "make_eval_step", "make_loss", "make_optimizer", "make_train_step",
     "plot_curves", "read_log", "resolve_loss", "train", "train_phase",

@@ -6,8 +6,9 @@ holding a ``TrainConfig``, whose ``phase1`` and ``phase2`` are
 dataclass is made, so a bad file raises a ``ValueError`` naming the field
 before anything is loaded or traced.
 
-Loss names: ``LOSSES`` are the ones a phase can train with;
-``resolve_loss`` maps the older name ``"topo_dice"`` onto them.
+Loss names: ``LOSSES`` are the ones a phase can train with, the keys of
+``topojax.train.losses.LOSS_TABLE`` (which says what each is);
+``resolve_loss`` maps the older names onto them.
 """
 
 from __future__ import annotations
@@ -21,31 +22,13 @@ from typing import Any
 from topojax import data
 from topojax import losses
 from topojax import unet
+from topojax.train import losses as loss_table
+# The table's checks, importable from here as before.
+from topojax.train.losses import check_loss_name  # noqa: F401
+from topojax.train.losses import resolve_loss  # noqa: F401
 
 # Losses a phase can train with: Dice alone, or a topological loss + λ·Dice.
-LOSSES = ("dice", "ppl", "ppl_norm", "cldice", "hutopo", "betti_matching",
-          "skeleton_recall")
-# The name "ppl" had before the family grew; with TrainConfig.normalize it
-# still selects the normalised form.
-_LEGACY_PPL = "topo_dice"
-
-
-def check_loss_name(name: str, argument: str) -> None:
-  """Raises a ``ValueError`` naming ``argument`` unless ``name`` is a loss.
-
-  ``name`` may be one of ``LOSSES`` or the older ``"topo_dice"``.
-  """
-  if name not in LOSSES and name != _LEGACY_PPL:
-    raise ValueError(f"{argument} must be one of {LOSSES}, got {name!r}")
-
-
-def resolve_loss(name: str, *, normalize: bool = False) -> str:
-  """The name in ``LOSSES`` that ``name`` trains with (``"topo_dice"`` is
-  ``"ppl"``, or ``"ppl_norm"`` with ``normalize``)."""
-  check_loss_name(name, "loss")
-  if name == _LEGACY_PPL:
-    return "ppl_norm" if normalize else "ppl"
-  return name
+LOSSES = tuple(loss_table.LOSS_TABLE)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,17 +36,10 @@ class PhaseConfig:
   """One training phase.
 
   Attributes:
-    loss: ``"dice"`` (``losses.dice_loss``) or a topological loss
-      ``L_topo`` trained as ``L_topo + λ·L_dice``
-      (``losses.with_dice_loss``, λ = ``TrainConfig.dice_weight``):
-      ``"ppl"``, the Projected Pooling Loss at the published scale;
-      ``"ppl_norm"``, the same per pooled cell; ``"cldice"``, clDice;
-      ``"hutopo"``, the persistent-homology loss of Hu et al.;
-      ``"betti_matching"``, Betti matching (Stucki et al.);
-      ``"skeleton_recall"``, Skeleton Recall (Kirchhoff et al.), on tubes
-      around the labels' skeletons computed once per phase. The older
-      name ``"topo_dice"`` means ``"ppl"``, or ``"ppl_norm"`` when
-      ``TrainConfig.normalize`` is set.
+    loss: a name in ``LOSSES``: the Dice loss alone, or a topological loss
+      trained as ``L_topo + λ·L_dice`` (λ = ``TrainConfig.dice_weight``);
+      ``topojax.train.losses.LOSS_TABLE`` describes each. Older names resolve as
+      ``resolve_loss`` says.
     epochs: passes over the training cases at most.
     learning_rate: Adam's step size, constant.
     patience: stop after this many epochs without a better validation Dice;
@@ -105,8 +81,8 @@ class TrainConfig:
     norm: ``"batch"``, ``"group"`` or ``"instance"``.
     batch_size: cases per step, a multiple of the device count.
     dice_weight: λ in ``L_topo + λ L_dice``, for every topological loss.
-    normalize: makes the loss ``"topo_dice"`` (the older name of ``"ppl"``)
-      the normalised ``"ppl_norm"``; other names ignore it.
+    normalize: makes an older loss name resolve to its normalised form
+      (``topojax.train.losses.LEGACY_NAMES``); other names ignore it.
     kernel_sizes: PPL pooling kernel sizes, in voxels; also used for the
       validation topological loss (the PPL whatever the phase's loss).
     phase1: pre-training.
@@ -128,7 +104,7 @@ class TrainConfig:
   kernel_sizes: tuple[int, ...] = losses.DEFAULT_KERNEL_SIZES
   phase1: PhaseConfig = PhaseConfig(loss="dice", epochs=150,
                                     learning_rate=1e-3)
-  phase2: PhaseConfig = PhaseConfig(loss="ppl", epochs=150,
+  phase2: PhaseConfig = PhaseConfig(loss=loss_table.PAPER_LOSS, epochs=150,
                                     learning_rate=1e-4)
   description: str = ""
 

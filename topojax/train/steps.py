@@ -5,9 +5,9 @@ Following the Flax examples, a phase is a ``train_step`` and an
 
 * ``create_model``, ``init_state``: the U-Net of a ``TrainConfig`` and its
   Adam state, made on the devices;
-* ``make_loss``, ``make_optimizer``: the training loss by name (``LOSSES``)
-  and the paper's Adam; ``training_targets``, the labels as the train step
-  of a loss reads them;
+* ``make_loss``, ``make_optimizer``: the training loss by name (a row of
+  ``topojax.train.LOSS_TABLE``) and the paper's Adam; ``training_targets``,
+  the labels as the train step of a loss reads them;
 * ``make_train_step``, ``make_eval_step``: the jit-compiled steps;
 * ``data_mesh``, ``to_global``, ``pad_batch``: the devices, and host
   batches made into arrays split over them.
@@ -50,6 +50,7 @@ from flax import nnx
 from topojax import losses
 from topojax import unet
 from topojax.train import config as config_lib
+from topojax.train import losses as loss_table
 
 
 def create_model(config: config_lib.TrainConfig, *, in_channels: int,
@@ -66,40 +67,32 @@ def create_model(config: config_lib.TrainConfig, *, in_channels: int,
 def make_loss(name: str, *, dice_weight: float, kernel_sizes: Sequence[int],
               normalize: bool = False
               ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """``loss(logits, labels) -> scalar`` for ``name`` in ``LOSSES``.
+  """``loss(logits, targets) -> scalar`` for ``name`` in ``LOSSES``.
 
-  ``"dice"`` is ``losses.dice_loss`` (sigmoid for one channel, softmax
-  otherwise, averaged over the batch); every other name is its topological
-  loss of the probabilities plus ``dice_weight`` times that Dice term
-  (``losses.with_dice_loss``). The PPL uses ``kernel_sizes``; ``normalize``
-  only resolves the older name ``"topo_dice"`` (``config.resolve_loss``).
+  The row of ``topojax.train.LOSS_TABLE``: the Dice loss alone
+  (``topojax.losses.dice_loss``, sigmoid for one channel, softmax
+  otherwise, averaged over the batch) where it has no function, else its
+  topological loss of the probabilities, with the settings it takes
+  (``kernel_sizes``), plus ``dice_weight`` times that Dice term
+  (``topojax.losses.with_dice_loss``). ``targets`` are the labels, followed
+  by the row's prepared channels when it has a ``prepare``
+  (``training_targets``). ``normalize`` only resolves older names
+  (``config.resolve_loss``).
   """
-  name = config_lib.resolve_loss(name, normalize=normalize)
-  if name == "dice":
+  entry = loss_table.LOSS_TABLE[config_lib.resolve_loss(
+      name, normalize=normalize)]
+  if entry.function is None:
     return losses.dice_loss
-  if name == "skeleton_recall":
-    return _skeleton_recall_with_dice(dice_weight)
-  topology_loss = {
-      "ppl": functools.partial(losses.projected_pooling_loss,
-                               kernel_sizes=tuple(kernel_sizes)),
-      "ppl_norm": functools.partial(losses.projected_pooling_loss,
-                                    kernel_sizes=tuple(kernel_sizes),
-                                    normalize=True),
-      "cldice": losses.cldice_loss,
-      "hutopo": losses.hutopo_loss,
-      "betti_matching": losses.betti_matching_loss,
-  }[name]
-  return losses.with_dice_loss(topology_loss, dice_weight=dice_weight)
+  topology = entry.topology(kernel_sizes=tuple(kernel_sizes))
+  if entry.prepare is None:
+    return losses.with_dice_loss(topology, dice_weight=dice_weight)
 
-
-def _skeleton_recall_with_dice(dice_weight: float):
-  """Skeleton Recall + λ·Dice of ``(logits, targets)``, where ``targets``
-  holds the labels' ``C`` channels followed by their ``C`` tubes
-  (``training_targets``), so that a step pays only the recall's product."""
   def loss(logits, targets):
-    labels, tubes = jnp.split(targets, 2, axis=-1)
+    # The labels' C channels, then the C channels prepared from them, so
+    # that a step pays only for the loss itself.
+    labels, prepared = jnp.split(targets, 2, axis=-1)
     return losses.with_dice_loss(
-        functools.partial(losses.skeleton_recall_loss, skeleton=tubes),
+        functools.partial(topology, skeleton=prepared),
         dice_weight=dice_weight)(logits, labels)
 
   return loss
@@ -109,26 +102,30 @@ def training_targets(loss: str, labels: np.ndarray, rows: Sequence[int], *,
                      normalize: bool = False) -> np.ndarray:
   """What the train step of ``loss`` reads as labels, for the cases ``rows``.
 
-  The labels themselves, except for ``"skeleton_recall"``: the labels with
-  their tubed skeletons (``losses.tubed_skeleton``) as ``C`` more channels,
-  computed once here, on the host, for the cases ``rows`` (the training
-  cases; the others' tubes are left zero, as no step reads them).
+  The labels themselves, unless the loss's row of
+  ``topojax.train.LOSS_TABLE`` has a ``prepare``: then the labels with what
+  it prepares from them (Skeleton Recall's tubed skeletons) as ``C`` more
+  channels, computed once here, on the host, for the cases ``rows`` (the
+  training cases; the others' are left zero, as no step reads them). Being
+  channels of the label, they are flipped with it by the batches.
 
   Args:
     loss: a name in ``LOSSES``.
     labels: ``(num_cases, X, Y, Z, C)`` float32 in {0, 1} (``data.Dataset``).
     rows: the cases the train step reads.
-    normalize: resolves ``"topo_dice"`` (``config.resolve_loss``).
+    normalize: resolves older names (``config.resolve_loss``).
 
   Returns:
     ``labels``, or a ``(num_cases, X, Y, Z, 2 C)`` float32 array.
   """
-  if config_lib.resolve_loss(loss, normalize=normalize) != "skeleton_recall":
+  entry = loss_table.LOSS_TABLE[config_lib.resolve_loss(
+      loss, normalize=normalize)]
+  if entry.prepare is None:
     return labels
-  tubes = np.zeros(labels.shape, labels.dtype)
+  prepared = np.zeros(labels.shape, labels.dtype)
   for row in rows:
-    tubes[row] = losses.tubed_skeleton(labels[row][None])[0]
-  return np.concatenate([labels, tubes], axis=-1)
+    prepared[row] = entry.prepare(labels[row][None])[0]
+  return np.concatenate([labels, prepared], axis=-1)
 
 
 def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -196,7 +193,7 @@ def make_train_step(model_def: nnx.GraphDef, mesh: jax.sharding.Mesh, *,
     learning_rate: Adam's step size.
     dice_weight: λ of the topological losses.
     kernel_sizes: PPL kernel sizes.
-    normalize: resolves ``"topo_dice"`` (``config.resolve_loss``).
+    normalize: resolves older names (``config.resolve_loss``).
 
   Returns:
     ``step(state, images, labels) -> (state, loss)``: ``state`` as from
