@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
-from skimage import morphology
 
+import topojax
 from topojax.losses import cbdice
 
 torch = pytest.importorskip("torch", reason="the parity tests need PyTorch")
@@ -57,11 +57,11 @@ def _reference(pred, target, shape, kwargs, skeleton=None):
 
 
 def _thinned(target):
-  """scikit-image's skeleton of every sample and channel of a label."""
+  """topojax's skeleton of every sample and channel of a label."""
   skeleton = np.zeros(target.shape, bool)
   for n in range(target.shape[0]):
     for c in range(target.shape[-1]):
-      skeleton[n, ..., c] = morphology.skeletonize(target[n, ..., c] > 0.5)
+      skeleton[n, ..., c] = topojax.skeletonize(target[n, ..., c] > 0.5)
   return skeleton
 
 

@@ -71,8 +71,9 @@ and one foreground channel the two agree exactly (tests,
 ``tests/torch_reference.py``). The authors' option ``t_skeletonize_flage``
 replaces both soft skeletons by a topology-preserving thinning; here the
 label's side of it is ``skeleton``, a binary skeleton computed once per case
-on the host (the prediction's skeleton stays the soft one, which needs no
-host work per step).
+on the host with :func:`topojax.skeletonize`, which, unlike scikit-image's
+thinning, never deletes a vessel two voxels thick (the prediction's skeleton
+stays the soft one, which needs no host work per step).
 
 Shapes are channels-last: 3D ``(N, X, Y, Z, C)``, 2D ``(N, X, Y, C)``.
 
@@ -239,7 +240,8 @@ def cbdice_loss(
       foreground where ``target > 0.5``); any numeric or boolean dtype.
     skeleton: optional binary skeleton of each channel of ``target``
       (``pred``'s shape, true or > 0.5 on the skeleton), computed once per
-      case on the host by a thinning, in place of the label's soft skeleton:
+      case on the host (``topojax.skeletonize_batch``), in place of the
+      label's soft skeleton:
       the label's side of the authors' ``t_skeletonize_flage``. ``None``
       (their default) takes the soft skeleton of the label.
     iterations: erosions of the soft skeletons (see
