@@ -17,6 +17,8 @@ One module per concern, each importing only those above it:
   ``make_split``, ``default_split``);
 * :mod:`~topojax.data.batches`: shuffled, flipped batches prepared in a
   background thread (``iterate_batches``);
+* :mod:`~topojax.data.patches`: nnU-Net's random and foreground-centred
+  patches of cases of any shape (``iterate_patches``, ``foreground_voxels``);
 * :mod:`~topojax.data.writer`: predictions back in the original space
   (``as_label_map``, ``write_prediction``).
 

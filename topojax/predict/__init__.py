@@ -35,7 +35,10 @@ One module per step, each readable top to bottom:
   compiled forward pass, and the label map of its probabilities;
 * :mod:`~topojax.predict.images`: ``predict_images``, finding the files and
   checking the outputs before any work;
-* :mod:`~topojax.predict.cases`: ``predict_run``, a run's test cases.
+* :mod:`~topojax.predict.cases`: ``predict_run``, a run's test cases;
+* :mod:`~topojax.predict.windows`: ``sliding_window``, a volume larger than
+  the network's patch predicted window by window and blended, as MONAI's
+  ``sliding_window_inference`` does it.
 """
 
 from topojax.predict.cases import predict_run
@@ -46,7 +49,8 @@ from topojax.predict.runs import restore_best
 from topojax.predict.segmenter import NIFTI_SUFFIXES
 from topojax.predict.segmenter import Segmenter
 from topojax.predict.segmenter import segment
+from topojax.predict.windows import sliding_window
 
 __all__ = (
     "MODEL_FILE", "NIFTI_SUFFIXES", "Segmenter", "phase_dir", "predict_images",
-    "predict_run", "restore_best", "segment")
+    "predict_run", "restore_best", "segment", "sliding_window")
