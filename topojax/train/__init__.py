@@ -19,6 +19,8 @@ One module per concern, each importing only those above it:
 * :mod:`~topojax.train.validation`: ``validate``, the validation Dice and
   PPL that pick a phase's best epoch;
 * :mod:`~topojax.train.curves`: the training curves, ``curves.png``;
+* :mod:`~topojax.train.preemption`: stopping on SIGTERM/SIGINT after the
+  step in flight, agreed across processes (``Preempted``);
 * :mod:`~topojax.train.loop`: ``train_phase`` (epochs, checkpoints, early
   stopping) and ``train`` (a task's phases).
 """
@@ -31,6 +33,7 @@ from topojax.train.config import resolve_loss
 from topojax.train.curves import plot_curves
 from topojax.train.loop import train
 from topojax.train.loop import train_phase
+from topojax.train.preemption import Preempted
 from topojax.train.runs import PHASE_DIRS
 from topojax.train.runs import PhaseResult
 from topojax.train.runs import read_log
@@ -44,7 +47,8 @@ from topojax.train.steps import make_train_step
 from topojax.train.validation import validate
 
 __all__ = (
-    "LOSSES", "PHASE_DIRS", "PhaseConfig", "PhaseResult", "TrainConfig",
+    "LOSSES", "PHASE_DIRS", "PhaseConfig", "PhaseResult", "Preempted",
+    "TrainConfig",
     "create_model", "data_mesh", "init_state", "load_config",
     "make_eval_step", "make_loss", "make_optimizer", "make_train_step",
     "plot_curves", "read_log", "resolve_loss", "train", "train_phase",
