@@ -88,13 +88,17 @@ def _quiet_orbax():
   A damaged step makes orbax log each failing array before raising; the
   ``CheckpointError`` raised instead says it in one line.
   """
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.CRITICAL)
+  # orbax logs through absl; its reads run on asyncio loops, whose logger
+  # reports the reads still pending when one fails.
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
   try:
     yield
   finally:
-    logger.setLevel(level)
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
 
 
 def _first_line(err: BaseException) -> str:

@@ -299,16 +299,13 @@ def _restore_latest(manager, state: dict[str, Any], *,
       restored = checkpoint.restore(manager, epoch, model=state["model"],
                                     optimizer=state["opt_state"])
     except checkpoint.CheckpointError as err:
-      _warn(f"{err}; skipped")
+      _warn(f"{err}; skipped, and deleted if an earlier epoch reads")
       skipped.append(epoch)
       continue
     _check_trained_alike(restored["meta"], f"{epoch} in {manager.directory}",
                          config=config, split=split)
     for damaged in skipped:
       manager.delete(damaged)
-    if skipped:
-      _warn(f"resuming from epoch {epoch} of {manager.directory}; "
-            f"skipped damaged epoch(s) {skipped}")
     return {"model": restored["model"],
             "opt_state": restored["optimizer"]}, epoch
   if skipped:
