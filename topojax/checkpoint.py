@@ -44,9 +44,11 @@ from __future__ import annotations
 from collections.abc import Callable
 import contextlib
 import errno
+import gc
 import logging
 import os
 import pathlib
+import sys
 from typing import Any
 import zlib
 
@@ -70,15 +72,22 @@ def _best_value(metrics: dict[str, float]) -> float:
 
 
 def checksums(tree: Any) -> dict[str, int]:
-  """CRC-32 of each array of a pytree, by its path (``jax.tree_util.keystr``).
+  """CRC-32 of each array of a pytree, by its path (``"a/0/b"``).
 
+  The path names keys, indices and attributes alike, so a tree restored as
+  plain dicts has the same paths as the ``nnx.State`` it was saved from.
   Arrays are read to the host; the replicated arrays of a multi-process run
   are read from this process's copy.
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): zlib.crc32(
+  return {_path_name(path): zlib.crc32(
       np.ascontiguousarray(np.asarray(leaf)).view(np.uint8))
           for path, leaf in leaves}
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(key, "key", getattr(key, "idx", getattr(
+      key, "name", key)))) for key in path)
 
 
 @contextlib.contextmanager
@@ -94,9 +103,13 @@ def _quiet_orbax():
   levels = [logger.level for logger in loggers]
   for logger in loggers:
     logger.setLevel(logging.CRITICAL)
+  # A failed read also leaves coroutines that print their error when
+  # collected ("Exception ignored in: <coroutine ...>").
+  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
   try:
     yield
   finally:
+    sys.unraisablehook = hook
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
 
@@ -209,7 +222,7 @@ class ReadOnlyCheckpoints:
     try:
       with _quiet_orbax():
         return ocp.StandardCheckpointHandler().metadata(path).tree
-    except Exception as err:
+    except Exception as err:  # orbax raises many kinds.
       raise CheckpointError(f"checkpoint {path.parent} cannot be read: "
                             f"{_first_line(err)}") from err
 
@@ -292,14 +305,20 @@ def _read(where: pathlib.Path, read: Callable[[ocp.args.Composite], Any],
     CheckpointError: the step cannot be read, or an array read differs
       from its checksum.
   """
-  try:
-    with _quiet_orbax():
+  failure = None
+  with _quiet_orbax():
+    try:
       restored = dict(read(ocp.args.Composite(**items)))
-  except FileNotFoundError:
-    raise
-  except Exception as err:
-    raise CheckpointError(f"checkpoint {where} cannot be read: "
-                          f"{_first_line(err)}") from err
+    except FileNotFoundError:
+      raise
+    except Exception as err:  # orbax and TensorStore raise many kinds.
+      failure = f"checkpoint {where} cannot be read: {_first_line(err)}"
+    if failure is not None:
+      # The error and the coroutines of the failed read are let go and
+      # collected while orbax is silenced; the message keeps the cause.
+      gc.collect()
+  if failure is not None:
+    raise CheckpointError(failure)
   saved = restored.get("meta", {}).get("checksums")
   # Steps written before checksums existed are read unchecked.
   for item in ("model", "optimizer"):
@@ -311,7 +330,7 @@ def _read(where: pathlib.Path, read: Callable[[ocp.args.Composite], Any],
     if bad:
       raise CheckpointError(
           f"checkpoint {where} is damaged: {len(bad)} array(s) of its "
-          f"{item} differ from their checksums (first: {item}{bad[0]})")
+          f"{item} differ from their checksums (first: {item}/{bad[0]})")
   return restored
 
 
