@@ -21,6 +21,8 @@ One module per concern, each importing only those above it:
 * :mod:`~topojax.train.curves`: the training curves, ``curves.png``;
 * :mod:`~topojax.train.preemption`: stopping on SIGTERM/SIGINT after the
   step in flight, agreed across processes (``Preempted``);
+* :mod:`~topojax.train.epoch`: one pass over the training batches, stoppable
+  after any step and resumable from it;
 * :mod:`~topojax.train.loop`: ``train_phase`` (epochs, checkpoints, early
   stopping) and ``train`` (a task's phases).
 """

@@ -1,8 +1,10 @@
 """The training loop: a phase's epochs and early stopping, a run's phases.
 
 As in the Flax examples, an epoch is a pass of the compiled train step over
-the training cases (``_train_epoch``), then ``validation.validate``; its line
-goes to ``log.jsonl`` and its state to ``checkpoints/``. A phase
+the training cases (``epoch.train_epoch``), then ``validation.validate``; its
+line goes to ``log.jsonl`` and its state to ``checkpoints/``. SIGTERM and
+SIGINT stop it after the step in flight, saving the state with its place in
+the epoch (``preemption``). A phase
 (``train_phase``) keeps its epoch of best validation Dice, and stops early
 when that has not improved for ``patience`` epochs; only the validation
 cases decide, the test cases are never read here. ``train`` preprocesses a
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import itertools
 import os
 import pathlib
 import signal
@@ -30,61 +31,11 @@ from topojax import checkpoint
 from topojax import data
 from topojax.train import config as config_lib
 from topojax.train import curves
+from topojax.train import epoch as epoch_lib
 from topojax.train import preemption
 from topojax.train import runs
 from topojax.train import steps
 from topojax.train import validation
-
-
-@dataclasses.dataclass(frozen=True)
-class _Place:
-  """How far an epoch got: batches trained, their summed loss, seconds."""
-  batches: int = 0
-  loss_sum: float = 0.0
-  seconds: float = 0.0
-
-
-def _train_epoch(train_step, state, images: np.ndarray, targets: np.ndarray,
-                 rows, *, config: config_lib.TrainConfig, epoch: int,
-                 mesh: jax.sharding.Mesh, desc: str, progress: bool,
-                 stop: preemption.StopSignals, start: _Place):
-  """A pass over the training rows in ``(config.seed, epoch)`` order.
-
-  ``images`` are the dataset's, ``targets`` its labels as the train step
-  reads them (``steps.training_targets``). The pass begins after
-  ``start.batches`` batches (an epoch stopped part-way), and ends early after
-  the step in flight when every process agrees that a signal came
-  (``stop.agreed``).
-
-  Returns:
-    ``(state, place)``: ``place.batches`` is the epoch's number of batches
-    unless it stopped early.
-  """
-  sharding = jax.NamedSharding(mesh, jax.P("data"))
-  num_steps = len(rows) // config.batch_size
-  began = time.perf_counter() - start.seconds
-  total = start.loss_sum
-  batches = data.iterate_batches(images, targets, rows,
-                                 batch_size=config.batch_size,
-                                 seed=config.seed, epoch=epoch,
-                                 flip_axes=config.flip_axes)
-  # The batches already trained are drawn again and dropped: their random
-  # draws come first in the epoch's stream.
-  batches = itertools.islice(batches, start.batches, None)
-  bar = tqdm.tqdm(batches, total=num_steps, initial=start.batches, desc=desc,
-                  unit="batch", leave=False, disable=not progress)
-  count = start.batches
-  for count, (images, labels) in enumerate(bar, start.batches + 1):
-    state, loss = train_step(state, steps.to_global(images, sharding),
-                             steps.to_global(labels, sharding))
-    total += float(loss)
-    seconds = time.perf_counter() - began
-    bar.set_postfix(loss=f"{total / count:.4f}",
-                    cases_per_s=f"{count * config.batch_size / seconds:.2f}")
-    if count < num_steps and stop.agreed():
-      break
-  bar.close()
-  return state, _Place(count, total, time.perf_counter() - began)
 
 
 def _out_of_patience(epoch: int, best: int,
@@ -186,10 +137,11 @@ def _start(job: _Phase, mesh: jax.sharding.Mesh):
   state, epoch, place = runs.restore_state(
       manager, state, config=job.config, split=job.split, init=job.init,
       interrupted=job.run_dir / runs.INTERRUPTED_DIR)
-  return model_def, state, manager, epoch, _Place(**place)
+  return model_def, state, manager, epoch, epoch_lib.Place(**place)
 
 
-def _report_start(job: _Phase, state, start: int, place: _Place) -> None:
+def _report_start(job: _Phase, state, start: int,
+                  place: epoch_lib.Place) -> None:
   """Prints what the phase trains, on what, and from which epoch."""
   num_params = sum(p.size for p in jax.tree.leaves(
       nnx.filter_state(state["model"], nnx.Param)))
@@ -225,7 +177,8 @@ def _signal_name(signum: int) -> str:
   return signal.Signals(signum).name
 
 
-def _save_interrupted(job: _Phase, state, *, epoch: int, place: _Place,
+def _save_interrupted(job: _Phase, state, *, epoch: int,
+                      place: epoch_lib.Place,
                       signum: int) -> preemption.Preempted:
   """Saves an epoch stopped part-way; the ``Preempted`` to raise."""
   path = job.run_dir / runs.INTERRUPTED_DIR
@@ -241,7 +194,8 @@ def _save_interrupted(job: _Phase, state, *, epoch: int, place: _Place,
 
 
 def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
-               log: list[dict[str, Any]], *, epoch: int, place: _Place,
+               log: list[dict[str, Any]], *, epoch: int,
+               place: epoch_lib.Place,
                targets: np.ndarray, mesh: jax.sharding.Mesh,
                stop: preemption.StopSignals):
   """Trains and validates epoch ``epoch``, logs it and saves its checkpoint.
@@ -257,7 +211,7 @@ def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
       was saved.
   """
   desc = f"phase {job.number} epoch {epoch}/{job.settings.epochs}"
-  state, place = _train_epoch(
+  state, place = epoch_lib.train_epoch(
       train_step, state, job.dataset.images, targets, job.train_rows,
       config=job.config, epoch=epoch, mesh=mesh, desc=desc,
       progress=job.progress, stop=stop, start=place)
@@ -293,7 +247,8 @@ def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
 
 
 def _train_epochs(job: _Phase, train_step, eval_step, state, manager,
-                  log: list[dict[str, Any]], *, start: int, place: _Place,
+                  log: list[dict[str, Any]], *, start: int,
+                  place: epoch_lib.Place,
                   targets: np.ndarray, mesh: jax.sharding.Mesh,
                   stop: preemption.StopSignals) -> tuple[int, bool]:
   """Trains the epochs after ``start`` until the last or patience runs out.
@@ -317,12 +272,14 @@ def _train_epochs(job: _Phase, train_step, eval_step, state, manager,
     if signum:
       raise preemption.Preempted(signum, (
           f"stopped by {_signal_name(signum)} in phase {job.number} after "
-          f"epoch {epoch}, saved in {manager.directory}"))
+          f"epoch {epoch}, saved in {manager.directory}" if epoch else
+          f"stopped by {_signal_name(signum)} before phase {job.number} "
+          "began"))
     epoch += 1
     state, best = _run_epoch(job, train_step, eval_step, state, manager, log,
                              epoch=epoch, place=place, targets=targets,
                              mesh=mesh, stop=stop)
-    place = _Place()
+    place = epoch_lib.Place()
     stopped_early = _out_of_patience(epoch, best, job.settings)
   return epoch, stopped_early
 
