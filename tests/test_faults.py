@@ -41,24 +41,16 @@ BATCHES = 2  # per epoch: 8 training cases, batch 4
 # `topojax train` whose train step sends SIGTERM to process 0 after its
 # STEP-th step: argv is STEP, then the command's arguments.
 _SIGNAL_SCRIPT = """
-import os, signal, sys
+import contextlib, signal, sys
+sys.path.insert(0, "tests")
+from test_faults import _signal_after
 from topojax import cli
-from topojax.train import steps
 after, argv = int(sys.argv[1]), sys.argv[2:]
-first = "--process-id" not in argv or argv[argv.index("--process-id") + 1] == "0"
-real = steps.make_train_step
-def make(*args, **kwargs):
-  step, count = real(*args, **kwargs), [0]
-  def counted(*args):
-    out = step(*args)
-    count[0] += 1
-    if count[0] == after and first:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-  counted._cache_size = step._cache_size
-  return counted
-steps.make_train_step = make
-sys.exit(cli.main(argv))
+first = ("--process-id" not in argv
+         or argv[argv.index("--process-id") + 1] == "0")
+with (_signal_after(after, signal.SIGTERM) if after and first
+      else contextlib.nullcontext()):
+  sys.exit(cli.main(argv))
 """
 
 
@@ -106,7 +98,8 @@ class TwoProcesses:
       with log.open("w") as f:
         self.processes.append(subprocess.Popen(
             [sys.executable, "-c", _SIGNAL_SCRIPT, str(stop_after), *command],
-            env={**_env(), "JAX_COMPILATION_CACHE_DIR": str(out.parent / "xla")},
+            env={**_env(),
+                 "JAX_COMPILATION_CACHE_DIR": str(out.parent / "xla")},
             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
 
   def wait(self, timeout=300):
