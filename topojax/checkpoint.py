@@ -74,8 +74,9 @@ def _best_value(metrics: dict[str, float]) -> float:
 def checksums(tree: Any) -> dict[str, int]:
   """CRC-32 of each array of a pytree, by its path (``"a/0/b"``).
 
-  The path names keys, indices and attributes alike, so a tree restored as
-  plain dicts has the same paths as the ``nnx.State`` it was saved from.
+  The path names keys, indices and attributes alike, so the nested dicts
+  orbax restores without a template have the paths of the ``nnx.State``
+  they were saved from.
   Arrays are read to the host; the replicated arrays of a multi-process run
   are read from this process's copy.
   """
