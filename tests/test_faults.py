@@ -342,15 +342,16 @@ def _signal_after(count, signum):
   return mock.patch.object(steps, "make_train_step", make)
 
 
-@pytest.mark.parametrize("signum, after, status, saved_in", [
+@pytest.mark.parametrize("signum, after, status, mid_epoch", [
     # Mid-epoch: epoch 2 after its first batch.
-    (signal.SIGTERM, BATCHES + 1, 143, "interrupted"),
-    # At the end of epoch 2, while it is validated and saved.
-    (signal.SIGINT, 2 * BATCHES, 130, "checkpoints"),
+    (signal.SIGTERM, BATCHES + 1, 143, True),
+    # After epoch 2's last batch, while it is validated and saved: epoch 3
+    # does not begin.
+    (signal.SIGINT, 2 * BATCHES, 130, False),
 ])
 def test_a_signal_saves_and_resume_ends_bit_identical(
     reference, task, cache, config_path, tmp_path, capsys, signum, after,
-    status, saved_in):
+    status, mid_epoch):
   run = tmp_path / "run"
   argv = _train_argv(config_path, task, cache, run, "--overwrite")
   handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
@@ -360,11 +361,19 @@ def test_a_signal_saves_and_resume_ends_bit_identical(
   assert [signal.getsignal(s)
           for s in (signal.SIGTERM, signal.SIGINT)] == handlers
   stopped, resume = _seen(capsys.readouterr().err)
-  assert stopped.startswith(f"topojax train: stopped by "
-                            f"{signal.Signals(signum).name} in phase 1")
-  assert f"{run}/phase1/{saved_in}" in stopped
-  assert (run / "phase1" / "interrupted").is_dir() == (
-      saved_in == "interrupted")
+  name = signal.Signals(signum).name
+  if mid_epoch:
+    assert stopped == (f"topojax train: stopped by {name} in phase 1, epoch "
+                       f"2 after batch 1 of {BATCHES}; saved in "
+                       f"{run}/phase1/interrupted")
+  else:
+    assert stopped == (f"topojax train: stopped by {name} in phase 1 before "
+                       f"epoch 3; what it resumes from is saved in "
+                       f"{run}/phase1")
+    with checkpoint.open_manager(run / "phase1" / "checkpoints",
+                                 read_only=True) as reader:
+      assert reader.latest_step() == 2
+  assert (run / "phase1" / "interrupted").is_dir() == mid_epoch
   command = shlex.split(resume.removeprefix("resume with: "))
   assert command[0] == "topojax" and command[-1] == "--resume"
   assert "--overwrite" not in command

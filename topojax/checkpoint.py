@@ -44,7 +44,6 @@ from __future__ import annotations
 from collections.abc import Callable
 import contextlib
 import errno
-import gc
 import logging
 import os
 import pathlib
@@ -104,15 +103,50 @@ def _quiet_orbax():
   levels = [logger.level for logger in loggers]
   for logger in loggers:
     logger.setLevel(logging.CRITICAL)
-  # A failed read also leaves coroutines that print their error when
-  # collected ("Exception ignored in: <coroutine ...>").
-  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
   try:
     yield
   finally:
-    sys.unraisablehook = hook
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
+
+
+def _orbax_leftover(value: BaseException | None, where: Any) -> bool:
+  """Whether an error reported outside any call is a failed read's leftover.
+
+  A read orbax abandons when another of the same step fails reports its own
+  copy of the error when collected (``where`` is its coroutine); TensorStore
+  completing it afterwards meets the closed event loop ("Event loop is
+  closed").
+  """
+  code = getattr(where, "cr_code", None)
+  if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+    return True
+  return (isinstance(value, RuntimeError)
+          and str(value) == "Event loop is closed")
+
+
+def _drop_abandoned_reads() -> None:
+  """Silences what a failed read leaves behind, from now on.
+
+  The leftovers (``_orbax_leftover``) print tracebacks with TensorStore
+  specs, on the unraisable or the uncaught-exception hook, whenever they
+  run, which may be long after the ``CheckpointError`` said it all in one
+  line. Only those are filtered out; anything else is reported as before.
+  """
+  if getattr(sys.unraisablehook, "_drops_orbax_leftovers", False):
+    return
+  unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+
+  def on_unraisable(unraisable):
+    if not _orbax_leftover(unraisable.exc_value, unraisable.object):
+      unraisable_hook(unraisable)
+
+  def on_uncaught(kind, value, trace):
+    if not _orbax_leftover(value, None):
+      except_hook(kind, value, trace)
+
+  on_unraisable._drops_orbax_leftovers = True
+  sys.unraisablehook, sys.excepthook = on_unraisable, on_uncaught
 
 
 def _first_line(err: BaseException) -> str:
@@ -224,6 +258,7 @@ class ReadOnlyCheckpoints:
       with _quiet_orbax():
         return ocp.StandardCheckpointHandler().metadata(path).tree
     except Exception as err:  # orbax raises many kinds.
+      _drop_abandoned_reads()
       raise CheckpointError(f"checkpoint {path.parent} cannot be read: "
                             f"{_first_line(err)}") from err
 
@@ -306,20 +341,15 @@ def _read(where: pathlib.Path, read: Callable[[ocp.args.Composite], Any],
     CheckpointError: the step cannot be read, or an array read differs
       from its checksum.
   """
-  failure = None
-  with _quiet_orbax():
-    try:
+  try:
+    with _quiet_orbax():
       restored = dict(read(ocp.args.Composite(**items)))
-    except FileNotFoundError:
-      raise
-    except Exception as err:  # orbax and TensorStore raise many kinds.
-      failure = f"checkpoint {where} cannot be read: {_first_line(err)}"
-    if failure is not None:
-      # The error and the coroutines of the failed read are let go and
-      # collected while orbax is silenced; the message keeps the cause.
-      gc.collect()
-  if failure is not None:
-    raise CheckpointError(failure)
+  except FileNotFoundError:
+    raise
+  except Exception as err:  # orbax and TensorStore raise many kinds.
+    _drop_abandoned_reads()
+    raise CheckpointError(f"checkpoint {where} cannot be read: "
+                          f"{_first_line(err)}") from err
   saved = restored.get("meta", {}).get("checksums")
   # Steps written before checksums existed are read unchecked.
   for item in ("model", "optimizer"):

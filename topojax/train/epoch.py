@@ -32,9 +32,9 @@ class Place:
 
 
 def train_epoch(train_step, state, images: np.ndarray, targets: np.ndarray,
-                 rows, *, config: config_lib.TrainConfig, epoch: int,
-                 mesh: jax.sharding.Mesh, desc: str, progress: bool,
-                 stop: preemption.StopSignals, start: Place):
+                rows, *, config: config_lib.TrainConfig, epoch: int,
+                mesh: jax.sharding.Mesh, desc: str, progress: bool,
+                stop: preemption.StopSignals, start: Place):
   """A pass over the training rows in ``(config.seed, epoch)`` order.
 
   ``images`` are the dataset's, ``targets`` its labels as the train step

@@ -271,10 +271,9 @@ def _train_epochs(job: _Phase, train_step, eval_step, state, manager,
     signum = stop.agreed()
     if signum:
       raise preemption.Preempted(signum, (
-          f"stopped by {_signal_name(signum)} in phase {job.number} after "
-          f"epoch {epoch}, saved in {manager.directory}" if epoch else
-          f"stopped by {_signal_name(signum)} before phase {job.number} "
-          "began"))
+          f"stopped by {_signal_name(signum)} in phase {job.number} before "
+          f"epoch {epoch + 1}; what it resumes from is saved in "
+          f"{job.run_dir}"))
     epoch += 1
     state, best = _run_epoch(job, train_step, eval_step, state, manager, log,
                              epoch=epoch, place=place, targets=targets,
