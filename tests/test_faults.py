@@ -29,6 +29,7 @@ from topojax import checkpoint
 from topojax import cli
 from topojax import predict
 from topojax import train
+from topojax.train import preemption
 from topojax.train import steps
 
 import train_fixtures  # tests/ is on sys.path under pytest
@@ -383,6 +384,23 @@ def test_a_signal_saves_and_resume_ends_bit_identical(
   assert "resuming after epoch" in capsys.readouterr().out
   assert not (run / "phase1" / "interrupted").exists()
   _assert_identical(run / "phase1", reference)
+
+
+def test_the_first_signal_raises_a_flag_and_a_second_one_stops_at_once():
+  # Python's own Ctrl-C handler before training, whatever pytest set.
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with preemption.catch_signals() as stop:
+      with preemption.catch_signals() as inner:  # Shared, set once.
+        assert inner is stop
+      assert stop.agreed() == 0
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.agreed() == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, outer)
 
 
 def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(
