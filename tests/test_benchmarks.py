@@ -90,3 +90,21 @@ def test_skeleton_quick_run_times_both_thinnings_and_writes_its_outputs(
   assert (tmp_path / "skeleton.png").read_bytes().startswith(b"\x89PNG")
   with pytest.raises(FileExistsError, match="--overwrite"):
     skeleton_bench.main(["--quick", "--out", str(tmp_path)])
+
+
+def test_soak_quick_records_memory_and_compilations_per_loss(tmp_path):
+  from benchmarks import soak
+
+  assert {"hutopo", "betti_matching"} <= set(soak.HOST_SIDE_LOSSES)
+  results = tmp_path / "RESULTS.md"
+  results.write_text("# Benchmark results\n\n## Other\n\nkept\n")
+  assert soak.main(["--quick", "--losses", "hutopo", "--results",
+                    str(results)]) == 0
+  text = results.read_text()
+  assert "## Other\n\nkept\n" in text
+  assert text.count(soak.SECTION_START) == text.count(soak.SECTION_END) == 1
+  (row,) = [line for line in text.splitlines() if line.startswith("| hutopo")]
+  cells = [cell.strip() for cell in row.strip("|").split("|")]
+  assert cells[1] == "4"  # steps
+  assert all(float(cells[i].split()[0]) > 0 for i in (3, 4, 5))  # RSS, MB
+  assert cells[-1] == "1 / 1 / 1"  # compiled once, never again

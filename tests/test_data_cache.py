@@ -1,7 +1,9 @@
 """Tests for topojax/data/cache.py: ``load_dataset`` and its memory-mapped
 cache."""
 
+import errno
 import os
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -123,3 +125,80 @@ def test_cli_prepare(synth_task, cache_dir, capsys):
   assert "cache hit" in capsys.readouterr().out
   assert cli.main(argv[:2]) == 2
   assert "--shape is required" in capsys.readouterr().err
+
+
+def _truncate(entry):
+  path = entry / "images.npy"
+  os.truncate(path, path.stat().st_size - 64)
+  return "images.npy has"
+
+
+def _flip_a_byte(entry):
+  path = entry / "labels.npy"
+  raw = bytearray(path.read_bytes())
+  raw[-5] ^= 0x01  # A voxel's value, the header untouched: only the CRC sees it.
+  path.write_bytes(bytes(raw))
+  return "labels.npy fails its checksum"
+
+
+def _reshape(entry):
+  # Same bytes, another shape in the header.
+  images = np.load(entry / "images.npy")
+  np.save(entry / "images.npy", images.reshape(-1, *images.shape[2:]))
+  return "images.npy holds"
+
+
+def _lose_meta(entry):
+  (entry / "meta.json").unlink()
+  return "meta.json unreadable"
+
+
+def _garble_meta(entry):
+  (entry / "meta.json").write_text('{"case_ids": [')
+  return "meta.json unreadable"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _reshape,
+                                    _lose_meta, _garble_meta])
+def test_a_damaged_entry_is_rebuilt_with_one_warning(synth_task, cache_dir,
+                                                     capsys, damage):
+  config = data.PreprocessConfig(shape=(12, 10, 8))
+  first = data.load_dataset(synth_task, config, cache_dir=cache_dir,
+                            progress=False)
+  images, labels = np.array(first.images), np.array(first.labels)
+  del first
+  (entry,) = entries(cache_dir)
+  reason = damage(entry)
+  capsys.readouterr()
+  healed = data.load_dataset(synth_task, config, cache_dir=cache_dir,
+                             progress=False)
+  (warning,) = capsys.readouterr().err.splitlines()
+  assert warning.startswith(f"topojax: warning: cache entry {entry} is "
+                            f"damaged ({reason}")
+  assert warning.endswith("; rebuilding it")
+  assert not healed.from_cache and healed.cache_path == entry
+  np.testing.assert_array_equal(healed.images, images)
+  np.testing.assert_array_equal(healed.labels, labels)
+  # Nothing set aside or half written is left behind.
+  assert entries(cache_dir) == [entry]
+  again = data.load_dataset(synth_task, config, cache_dir=cache_dir,
+                            progress=False)
+  assert again.from_cache and capsys.readouterr().err == ""
+
+
+def test_a_full_disk_fails_before_preprocessing(synth_task, cache_dir,
+                                                monkeypatch):
+  def full(fd, offset, length):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+  monkeypatch.setattr(cache, "preprocess", mock.Mock(
+      side_effect=AssertionError("preprocessed on a full disk")))
+  config = data.PreprocessConfig(shape=(12, 10, 8))
+  with pytest.raises(OSError, match="No space left on device; free space or "
+                     "choose another --cache-dir") as raised:
+    data.load_dataset(synth_task, config, cache_dir=cache_dir,
+                      progress=False)
+  assert raised.value.errno == errno.ENOSPC
+  assert str(cache_dir) in str(raised.value)
+  assert entries(cache_dir) == []

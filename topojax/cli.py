@@ -2,12 +2,25 @@
 
 Each subcommand imports its module only when it runs, so `topojax synth` or
 `topojax evaluate` start without loading JAX.
+
+Errors the user can act on (bad input, a missing or damaged file, a full
+disk) print one line, ``topojax <command>: error: ...``, and exit non-zero;
+``--debug`` (or ``TOPOJAX_DEBUG=1``) shows the traceback instead. A
+training run stopped by SIGTERM or SIGINT exits 143 or 130 after saving its
+state and printing the command that resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+
+# Errors that are the user's or the machine's to fix, not a bug: one line.
+_EXPECTED = (ValueError, OSError)
+_USAGE_STATUS = 2  # Bad input, as argparse exits.
+_FAILURE_STATUS = 1  # The machine (a full disk, a damaged file).
 
 
 def _add_demo_arguments(subparsers) -> None:
@@ -289,16 +302,31 @@ def _train(args: argparse.Namespace) -> int:
   if args.seed is not None:
     config = dataclasses.replace(config, seed=args.seed)
   phases = {"1": (1,), "2": (2,), "both": (1, 2)}[args.phase]
-  results = train.train(config, args.data, args.out, phases=phases,
-                        init=args.init, phase2_loss=args.phase2_loss,
-                        resume=args.resume, overwrite=args.overwrite,
-                        cache_dir=args.cache_dir)
+  try:
+    results = train.train(config, args.data, args.out, phases=phases,
+                          init=args.init, phase2_loss=args.phase2_loss,
+                          resume=args.resume, overwrite=args.overwrite,
+                          cache_dir=args.cache_dir)
+  except train.Preempted as stopped:
+    if jax.process_index() == 0:
+      print(f"topojax train: {stopped}\nresume with: "
+            f"{_resume_command(args.argv)}", file=sys.stderr, flush=True)
+    return stopped.exit_status
   if jax.process_index() == 0:
     for phase, result in results.items():
       print(f"phase {phase}: best epoch {result.best_epoch} of "
             f"{result.epochs_run} (val Dice {result.best_val_dice:.4f}) in "
             f"{result.run_dir}")
   return 0
+
+
+def _resume_command(argv: list[str]) -> str:
+  """The ``topojax`` command line that resumes the run ``argv`` started."""
+  # --overwrite would delete the state just saved.
+  argv = [arg for arg in argv if arg != "--overwrite"]
+  if "--resume" not in argv:
+    argv.append("--resume")
+  return shlex.join(["topojax", *argv])
 
 
 def _add_cluster_arguments(train_parser: argparse.ArgumentParser) -> None:
@@ -402,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
       prog="topojax",
       description="Topology-aware 3D segmentation with the Projected Pooling Loss.",
   )
+  debug_help = ("show the traceback of an error instead of one line (also "
+                "TOPOJAX_DEBUG=1)")
+  parser.add_argument("--debug", action="store_true", help=debug_help)
   sub = parser.add_subparsers(dest="command", required=True)
   _add_demo_arguments(sub)
   _add_synth_arguments(sub)
@@ -409,17 +440,44 @@ def build_parser() -> argparse.ArgumentParser:
   _add_evaluate_arguments(sub)
   _add_train_arguments(sub)
   _add_predict_arguments(sub)
+  for command in sub.choices.values():
+    # Accepted after the subcommand too; SUPPRESS keeps the subcommand's
+    # default from overriding the flag given before it.
+    command.add_argument("--debug", action="store_true",
+                         default=argparse.SUPPRESS, help=debug_help)
   return parser
 
 
+def _debug(args: argparse.Namespace) -> bool:
+  return args.debug or os.environ.get("TOPOJAX_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Runs ``topojax`` with ``argv`` (default ``sys.argv[1:]``).
+
+  Returns:
+    The exit status: 0, 2 for bad input, 1 for another expected error (a
+    damaged file, a full disk), 128 + the signal for training stopped by
+    one; an unexpected error raises.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
+  args.argv = argv
   try:
     return args.run(args)
-  except (ValueError, FileNotFoundError, FileExistsError) as err:
-    # Bad input is the user's to fix: one line, no traceback.
-    print(f"topojax {args.command}: error: {err}", file=sys.stderr)
-    return 2
+  except KeyboardInterrupt:
+    if _debug(args):
+      raise
+    print(f"topojax {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except _EXPECTED as err:
+    if _debug(args):
+      raise
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"topojax {args.command}: error: {message}", file=sys.stderr)
+    usage = not isinstance(err, OSError) or isinstance(
+        err, (FileNotFoundError, FileExistsError))
+    return _USAGE_STATUS if usage else _FAILURE_STATUS
 
 
 if __name__ == "__main__":

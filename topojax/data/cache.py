@@ -9,18 +9,29 @@ the first run ever decodes NIfTI; later runs map the cached arrays. Its
   modalities;
 * labels ``(num_cases, X, Y, Z, C_out)`` in {0, 1}: ``C_out = 1`` for
   ``label_mode="binary"`` and ``K`` for ``label_mode="onehot"``.
+
+An entry heals: ``meta.json`` records each array file's size, dtype, shape
+and CRC-32, checked whenever the entry is opened; an entry that disagrees (a
+file cut short by a full disk, a flipped bit, a lost file) is rebuilt, with
+one warning line naming it. The check reads every byte once: about 1 s for
+the 1.1 GB of Task09_Spleen at 160×160×128 (CRC-32 runs at about 1.2 GB/s
+on one core from the page cache).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import sys
+from typing import Any
 import uuid
+import zlib
 
 import numpy as np
 import tqdm
@@ -35,8 +46,10 @@ from topojax.data.preprocessing import PreprocessConfig
 from topojax.data.preprocessing import preprocess
 
 # Bump when preprocessing changes what it writes, so old cache entries are
-# never mistaken for new ones.
-_CACHE_FORMAT = 1
+# never mistaken for new ones (2: meta.json describes the array files).
+_CACHE_FORMAT = 2
+_ARRAY_FILES = ("images.npy", "labels.npy")
+_CHUNK_BYTES = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,6 +116,58 @@ def _cache_key(task: Task, config: PreprocessConfig,
   return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 
+def _crc32(path: pathlib.Path) -> int:
+  """CRC-32 of a file, read in chunks (a cache entry may not fit in memory)."""
+  crc = 0
+  with path.open("rb") as f:
+    while chunk := f.read(_CHUNK_BYTES):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _describe(path: pathlib.Path) -> dict[str, Any]:
+  """What ``meta.json`` records of an array file, to check it against."""
+  array = np.load(path, mmap_mode="r")
+  return {"size": path.stat().st_size, "dtype": array.dtype.str,
+          "shape": list(array.shape), "crc32": _crc32(path)}
+
+
+def _damage(entry: pathlib.Path) -> str | None:
+  """Why the entry's files disagree with its ``meta.json``; ``None`` if not."""
+  try:
+    expected = json.loads((entry / "meta.json").read_text())["files"]
+  except (OSError, ValueError, KeyError, TypeError) as err:
+    return f"meta.json unreadable: {err}"
+  for name in _ARRAY_FILES:
+    path, want = entry / name, expected[name]
+    try:
+      size = path.stat().st_size
+      if size != want["size"]:
+        return f"{name} has {size} bytes, {want['size']} expected"
+      array = np.load(path, mmap_mode="r")
+      found = (array.dtype.str, list(array.shape))
+      del array
+    except (OSError, ValueError) as err:
+      return f"{name} unreadable: {err}"
+    if found != (want["dtype"], want["shape"]):
+      return (f"{name} holds {found[0]} {found[1]}, {want['dtype']} "
+              f"{want['shape']} expected")
+    if _crc32(path) != want["crc32"]:
+      return f"{name} fails its checksum"
+  return None
+
+
+def _discard(entry: pathlib.Path) -> None:
+  """Removes a damaged entry: renamed aside first, so none is seen half gone."""
+  aside = entry.with_name(f".{entry.name}.{os.getpid()}-"
+                          f"{uuid.uuid4().hex[:8]}.damaged")
+  try:
+    os.replace(entry, aside)
+  except FileNotFoundError:
+    return  # Another run removed it first.
+  shutil.rmtree(aside, ignore_errors=True)
+
+
 def _open_entry(task: Task, config: PreprocessConfig, entry: pathlib.Path,
                 from_cache: bool) -> Dataset:
   meta = json.loads((entry / "meta.json").read_text())
@@ -125,7 +190,9 @@ def load_dataset(task_dir: str | os.PathLike, config: PreprocessConfig, *,
   modification time, so changing any of them makes a new entry. An entry is
   written under a temporary name and renamed into place when complete: an
   interrupted run never leaves a half-written entry behind to be read.
-  Entries are never deleted; removing the cache folder is always safe.
+  An entry whose files disagree with its ``meta.json`` (size, dtype, shape,
+  CRC-32) is rebuilt, saying so on stderr. Entries are never deleted
+  otherwise; removing the cache folder is always safe.
 
   Args:
     task_dir: an MSD task folder.
@@ -148,8 +215,13 @@ def load_dataset(task_dir: str | os.PathLike, config: PreprocessConfig, *,
                else pathlib.Path(cache_dir))
   key = _cache_key(task, config, channels)
   entry = cache_dir / f"{task.root.name}-{key[:20]}"
-  if (entry / "meta.json").is_file():
-    return _open_entry(task, config, entry, from_cache=True)
+  if entry.is_dir():
+    damage = _damage(entry)
+    if damage is None:
+      return _open_entry(task, config, entry, from_cache=True)
+    print(f"topojax: warning: cache entry {entry} is damaged ({damage}); "
+          "rebuilding it", file=sys.stderr, flush=True)
+    _discard(entry)
   for case in task.cases:  # Headers first: bad shapes fail in seconds.
     _open_case(task, case)
 
@@ -163,6 +235,25 @@ def load_dataset(task_dir: str | os.PathLike, config: PreprocessConfig, *,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return _open_entry(task, config, entry, from_cache=False)
+
+
+def _reserve(path: pathlib.Path) -> None:
+  """Allocates a (sparse) file's blocks now.
+
+  Writing into a memory map on a full disk kills the process (SIGBUS);
+  reserving first turns that into an ``OSError`` before any work.
+  """
+  if not hasattr(os, "posix_fallocate"):  # macOS
+    return
+  with path.open("r+b") as f:
+    try:
+      os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+    except OSError as err:
+      if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return  # A file system that cannot reserve: written as before.
+      raise OSError(err.errno, f"cannot write the preprocessing cache in "
+                    f"{path.parent.parent}: {err.strerror}; free space or "
+                    "choose another --cache-dir") from None
 
 
 def _write_entry(task: Task, config: PreprocessConfig,
@@ -181,6 +272,8 @@ def _write_entry(task: Task, config: PreprocessConfig,
   labels = np.lib.format.open_memmap(
       tmp / "labels.npy", mode="w+", dtype=np.float32,
       shape=(len(task.cases), *config.shape, out_channels))
+  for name in _ARRAY_FILES:
+    _reserve(tmp / name)
   metas = []
   for i, case in enumerate(tqdm.tqdm(task.cases, desc=f"preprocessing "
                                      f"{task.root.name}", unit="case",
@@ -194,7 +287,8 @@ def _write_entry(task: Task, config: PreprocessConfig,
   del images, labels
   (tmp / "meta.json").write_text(json.dumps(
       {"task": str(task.root), "config": dataclasses.asdict(config),
-       "case_ids": [case.case_id for case in task.cases], "cases": metas}))
+       "case_ids": [case.case_id for case in task.cases], "cases": metas,
+       "files": {name: _describe(tmp / name) for name in _ARRAY_FILES}}))
 
 
 def _move_into_place(tmp: pathlib.Path, entry: pathlib.Path) -> None:

@@ -77,6 +77,10 @@ def restore_best(phase: pathlib.Path, config: train.TrainConfig, *,
   """``(model_def, model_state)`` of a finished phase's best checkpoint.
 
   The arrays are replicated over ``train.data_mesh()``, for ``segment``.
+
+  Raises:
+    checkpoint.CheckpointError: the best checkpoint cannot be read or fails
+      its checksums.
   """
   return _restore(phase, config, in_channels=in_channels,
                   out_channels=out_channels,

@@ -160,6 +160,8 @@ class Segmenter:
 
     Raises:
       FileNotFoundError: no finished phase or no checkpoint there.
+      checkpoint.CheckpointError: the best checkpoint cannot be read or
+        fails its checksums (one line naming it).
     """
     phase = runs.phase_dir(run_dir).absolute()
     config = runs._read_config(phase)

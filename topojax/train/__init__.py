@@ -22,6 +22,10 @@ One module per concern, each importing only those above it:
 * :mod:`~topojax.train.validation`: ``validate``, the validation Dice and
   PPL that pick a phase's best epoch;
 * :mod:`~topojax.train.curves`: the training curves, ``curves.png``;
+* :mod:`~topojax.train.preemption`: stopping on SIGTERM/SIGINT after the
+  step in flight, agreed across processes (``Preempted``);
+* :mod:`~topojax.train.epoch`: one pass over the training batches, stoppable
+  after any step and resumable from it;
 * :mod:`~topojax.train.loop`: ``train_phase`` (epochs, checkpoints, early
   stopping) and ``train`` (a task's phases).
 """
@@ -36,6 +40,7 @@ from topojax.train.losses import LOSS_TABLE
 from topojax.train.losses import TrainingLoss
 from topojax.train.loop import train
 from topojax.train.loop import train_phase
+from topojax.train.preemption import Preempted
 from topojax.train.runs import PHASE_DIRS
 from topojax.train.runs import PhaseResult
 from topojax.train.runs import read_log
@@ -50,7 +55,7 @@ from topojax.train.validation import validate
 
 __all__ = (
     "LOSSES", "LOSS_TABLE", "PHASE_DIRS", "PhaseConfig", "PhaseResult",
-    "TrainConfig", "TrainingLoss",
+    "Preempted", "TrainConfig", "TrainingLoss",
     "create_model", "data_mesh", "init_state", "load_config",
     "make_eval_step", "make_loss", "make_optimizer", "make_train_step",
     "plot_curves", "read_log", "resolve_loss", "train", "train_phase",

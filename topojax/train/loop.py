@@ -1,8 +1,10 @@
 """The training loop: a phase's epochs and early stopping, a run's phases.
 
 As in the Flax examples, an epoch is a pass of the compiled train step over
-the training cases (``_train_epoch``), then ``validation.validate``; its line
-goes to ``log.jsonl`` and its state to ``checkpoints/``. A phase
+the training cases (``epoch.train_epoch``), then ``validation.validate``; its
+line goes to ``log.jsonl`` and its state to ``checkpoints/``. SIGTERM and
+SIGINT stop it after the step in flight, saving the state with its place in
+the epoch (``preemption``). A phase
 (``train_phase``) keeps its epoch of best validation Dice, and stops early
 when that has not improved for ``patience`` epochs; only the validation
 cases decide, the test cases are never read here. ``train`` preprocesses a
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 import dataclasses
 import os
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -28,41 +31,11 @@ from topojax import checkpoint
 from topojax import data
 from topojax.train import config as config_lib
 from topojax.train import curves
+from topojax.train import epoch as epoch_lib
+from topojax.train import preemption
 from topojax.train import runs
 from topojax.train import steps
 from topojax.train import validation
-
-
-def _train_epoch(train_step, state, images: np.ndarray, targets: np.ndarray,
-                 rows, *, config: config_lib.TrainConfig, epoch: int,
-                 mesh: jax.sharding.Mesh, desc: str, progress: bool):
-  """One pass over the training rows in ``(config.seed, epoch)`` order.
-
-  ``images`` are the dataset's, ``targets`` its labels as the train step
-  reads them (``steps.training_targets``).
-
-  Returns:
-    ``(state, mean_loss, cases_per_s)``.
-  """
-  sharding = jax.NamedSharding(mesh, jax.P("data"))
-  num_steps = len(rows) // config.batch_size
-  began = time.perf_counter()
-  total = 0.0
-  bar = tqdm.tqdm(
-      data.iterate_batches(images, targets, rows,
-                           batch_size=config.batch_size, seed=config.seed,
-                           epoch=epoch, flip_axes=config.flip_axes),
-      total=num_steps, desc=desc, unit="batch", leave=False,
-      disable=not progress)
-  for count, (images, labels) in enumerate(bar, 1):
-    state, loss = train_step(state, steps.to_global(images, sharding),
-                             steps.to_global(labels, sharding))
-    total += float(loss)
-    seconds = time.perf_counter() - began
-    bar.set_postfix(loss=f"{total / count:.4f}",
-                    cases_per_s=f"{count * config.batch_size / seconds:.2f}")
-  seconds = time.perf_counter() - began
-  return state, total / num_steps, num_steps * config.batch_size / seconds
 
 
 def _out_of_patience(epoch: int, best: int,
@@ -150,22 +123,25 @@ def _start(job: _Phase, mesh: jax.sharding.Mesh):
   """The state the phase trains from, and its checkpoint manager.
 
   Returns:
-    ``(model_def, state, manager, epoch)``: the model's ``nnx.GraphDef``;
-    the state of the latest checkpoint, or a new one (from ``init``'s best
-    model in phase 2); the open manager of ``checkpoints/``; the last
-    finished epoch, 0 for a new phase.
+    ``(model_def, state, manager, epoch, place)``: the model's
+    ``nnx.GraphDef``; the state of the latest checkpoint that reads (an
+    epoch stopped part-way first), or a new one (from ``init``'s best model
+    in phase 2); the open manager of ``checkpoints/``; the last finished
+    epoch, 0 for a new phase; the place reached in the next epoch.
   """
   model_def, state = steps.init_state(
       job.config, in_channels=job.dataset.images.shape[-1],
       out_channels=job.dataset.labels.shape[-1],
       learning_rate=job.settings.learning_rate, mesh=mesh)
   manager = checkpoint.open_manager(job.run_dir / "checkpoints")
-  state, epoch = runs.restore_state(manager, state, config=job.config,
-                                    split=job.split, init=job.init)
-  return model_def, state, manager, epoch
+  state, epoch, place = runs.restore_state(
+      manager, state, config=job.config, split=job.split, init=job.init,
+      interrupted=job.run_dir / runs.INTERRUPTED_DIR)
+  return model_def, state, manager, epoch, epoch_lib.Place(**place)
 
 
-def _report_start(job: _Phase, state, start: int) -> None:
+def _report_start(job: _Phase, state, start: int,
+                  place: epoch_lib.Place) -> None:
   """Prints what the phase trains, on what, and from which epoch."""
   num_params = sum(p.size for p in jax.tree.leaves(
       nnx.filter_state(state["model"], nnx.Param)))
@@ -173,7 +149,8 @@ def _report_start(job: _Phase, state, start: int) -> None:
         f"in {job.run_dir}: U-Net with {num_params:,} parameters, "
         f"{len(job.train_rows)} training and {len(job.val_rows)} validation "
         f"cases, batch {job.config.batch_size} over {jax.device_count()} "
-        "device(s)" + (f"; resuming after epoch {start}" if start else ""))
+        "device(s)" + (f"; resuming after epoch {start}" if start else "")
+        + (f", batch {place.batches}" if place.batches else ""))
 
 
 def _make_steps(job: _Phase, model_def: nnx.GraphDef,
@@ -196,22 +173,55 @@ def _cache_sizes(*functions) -> list[int]:
   return [f._cache_size() for f in functions]
 
 
+def _signal_name(signum: int) -> str:
+  return signal.Signals(signum).name
+
+
+def _save_interrupted(job: _Phase, state, *, epoch: int,
+                      place: epoch_lib.Place,
+                      signum: int) -> preemption.Preempted:
+  """Saves an epoch stopped part-way; the ``Preempted`` to raise."""
+  path = job.run_dir / runs.INTERRUPTED_DIR
+  checkpoint.save_interrupted(
+      path, model=state["model"], optimizer=state["opt_state"],
+      meta={"epoch": epoch, "phase": job.number, "seed": job.config.seed,
+            "train_cases": list(job.split.train),
+            **dataclasses.asdict(place)})
+  num_steps = len(job.train_rows) // job.config.batch_size
+  return preemption.Preempted(signum, (
+      f"stopped by {_signal_name(signum)} in phase {job.number}, epoch "
+      f"{epoch} after batch {place.batches} of {num_steps}; saved in {path}"))
+
+
 def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
                log: list[dict[str, Any]], *, epoch: int,
-               targets: np.ndarray, mesh: jax.sharding.Mesh):
+               place: epoch_lib.Place,
+               targets: np.ndarray, mesh: jax.sharding.Mesh,
+               stop: preemption.StopSignals):
   """Trains and validates epoch ``epoch``, logs it and saves its checkpoint.
 
-  Its line is appended to ``log`` and to ``log.jsonl``.
+  Its line is appended to ``log`` and to ``log.jsonl``; the epoch begins at
+  ``place`` (an epoch stopped part-way) and its checkpoint replaces that.
 
   Returns:
     ``(state, best)``: the state after the epoch, and the best epoch so far.
+
+  Raises:
+    preemption.Preempted: a signal stopped the epoch part-way; its state
+      was saved.
   """
-  began = time.perf_counter()
   desc = f"phase {job.number} epoch {epoch}/{job.settings.epochs}"
-  state, train_loss, cases_per_s = _train_epoch(
+  state, place = epoch_lib.train_epoch(
       train_step, state, job.dataset.images, targets, job.train_rows,
-      config=job.config,
-      epoch=epoch, mesh=mesh, desc=desc, progress=job.progress)
+      config=job.config, epoch=epoch, mesh=mesh, desc=desc,
+      progress=job.progress, stop=stop, start=place)
+  num_steps = len(job.train_rows) // job.config.batch_size
+  if place.batches < num_steps:
+    raise _save_interrupted(job, state, epoch=epoch, place=place,
+                            signum=stop.agreed())
+  began = time.perf_counter() - place.seconds
+  cases_per_s = num_steps * job.config.batch_size / place.seconds
+  train_loss = place.loss_sum / num_steps
   scores = validation.validate(
       eval_step, state["model"], job.dataset.images, job.dataset.labels,
       job.val_rows, batch_size=job.config.batch_size, mesh=mesh)
@@ -225,6 +235,7 @@ def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
                   meta={"epoch": epoch, "phase": job.number,
                         "seed": job.config.seed,
                         "train_cases": list(job.split.train), **scores})
+  runs.discard_interrupted(job.run_dir)
   best = manager.best_step()
   if job.progress:
     tqdm.tqdm.write(
@@ -237,22 +248,37 @@ def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
 
 def _train_epochs(job: _Phase, train_step, eval_step, state, manager,
                   log: list[dict[str, Any]], *, start: int,
-                  targets: np.ndarray, mesh: jax.sharding.Mesh
-                  ) -> tuple[int, bool]:
+                  place: epoch_lib.Place,
+                  targets: np.ndarray, mesh: jax.sharding.Mesh,
+                  stop: preemption.StopSignals) -> tuple[int, bool]:
   """Trains the epochs after ``start`` until the last or patience runs out.
+
+  Epoch ``start + 1`` begins at ``place``.
 
   Returns:
     ``(epoch, stopped_early)``: the last epoch trained (``start`` if none),
     and whether patience ran out.
+
+  Raises:
+    preemption.Preempted: a signal came; the state was saved first.
   """
   epoch = start
   # Checked on resuming too: a crash may come after patience ran out.
   stopped_early = start > 0 and _out_of_patience(
       epoch, manager.best_step(), job.settings)
   while not stopped_early and epoch < job.settings.epochs:
+    # A signal during validation, a save or before the phase: stop here.
+    signum = stop.agreed()
+    if signum:
+      raise preemption.Preempted(signum, (
+          f"stopped by {_signal_name(signum)} in phase {job.number} before "
+          f"epoch {epoch + 1}; what it resumes from is saved in "
+          f"{job.run_dir}"))
     epoch += 1
     state, best = _run_epoch(job, train_step, eval_step, state, manager, log,
-                             epoch=epoch, targets=targets, mesh=mesh)
+                             epoch=epoch, place=place, targets=targets,
+                             mesh=mesh, stop=stop)
+    place = epoch_lib.Place()
     stopped_early = _out_of_patience(epoch, best, job.settings)
   return epoch, stopped_early
 
@@ -294,6 +320,11 @@ def train_phase(config: config_lib.TrainConfig, dataset: data.Dataset,
   drawn from ``(config.seed, epoch)``. A finished phase (``summary.json``) is
   not trained again.
 
+  SIGTERM or SIGINT (preemption, Ctrl-C) stops it after the step in flight:
+  the state is saved with its place in the epoch (``interrupted/``, or the
+  epoch's checkpoint between epochs), ``Preempted`` is raised, and resuming
+  goes on bit for bit. The signal handlers are restored on return.
+
   Args:
     config: the run's configuration.
     dataset: from ``data.load_dataset(..., config.preprocess_config())``.
@@ -315,26 +346,43 @@ def train_phase(config: config_lib.TrainConfig, dataset: data.Dataset,
       or larger than the training set, ``run_dir`` holding another
       configuration, or ``init`` trained on other data or another model.
     FileNotFoundError: ``init`` is not a finished phase-1 folder.
+    checkpoint.CheckpointError: no checkpoint of ``run_dir`` reads (each
+      damaged one skipped is named on stderr).
+    OSError: a checkpoint could not be written (a full disk); the earlier
+      ones are intact.
+    preemption.Preempted: a signal stopped training, its state saved.
   """
   job = _check_phase(config, dataset, split, run_dir, phase=phase, loss=loss,
                      init=init, progress=progress)
+  with preemption.catch_signals() as stop:
+    return _train_phase(job, stop)
+
+
+def _train_phase(job: _Phase, stop: preemption.StopSignals
+                 ) -> runs.PhaseResult:
+  """``train_phase`` of a checked ``job``, signals caught in ``stop``."""
+  config, dataset, split = job.config, job.dataset, job.split
   finished = runs.open_phase_dir(
-      job.run_dir, runs.run_spec(config, phase, job.loss, job.init), split)
+      job.run_dir, runs.run_spec(config, job.number, job.loss, job.init), split)
   runs.write_model_json(job.run_dir, dataset)
   if finished is not None:
     return finished
   mesh = steps.data_mesh()
-  model_def, state, manager, start = _start(job, mesh)
+  model_def, state, manager, start, place = _start(job, mesh)
   log = runs.truncate_log(job.run_dir / "log.jsonl", start)
   if job.progress:
-    _report_start(job, state, start)
+    _report_start(job, state, start, place)
   train_step, eval_step = _make_steps(job, model_def, mesh)
   targets = steps.training_targets(job.loss, dataset.labels, job.train_rows,
                                    normalize=config.normalize)
   before = _cache_sizes(train_step, eval_step)
-  epoch, stopped_early = _train_epochs(job, train_step, eval_step, state,
-                                       manager, log, start=start,
-                                       targets=targets, mesh=mesh)
+  try:
+    epoch, stopped_early = _train_epochs(
+        job, train_step, eval_step, state, manager, log, start=start,
+        place=place, targets=targets, mesh=mesh, stop=stop)
+  except BaseException:
+    manager.close()
+    raise
   compilations = [after - was for after, was in zip(
       _cache_sizes(train_step, eval_step), before)]
   return _finish(job, manager, log, epoch=epoch, stopped_early=stopped_early,
@@ -394,6 +442,8 @@ def train(config: config_lib.TrainConfig, task_dir: str | os.PathLike,
       ``resume`` nor ``overwrite`` is set.
     FileNotFoundError, ValueError: as ``data.load_dataset`` and
       ``train_phase``, before any training.
+    checkpoint.CheckpointError, OSError, preemption.Preempted: as
+      ``train_phase``.
   """
   phases = _check_phases(phases, init=init, phase2_loss=phase2_loss)
   run_dir = pathlib.Path(run_dir)
@@ -402,15 +452,16 @@ def train(config: config_lib.TrainConfig, task_dir: str | os.PathLike,
   if phases == (2,):
     runs.check_init(init, config)
   runs.prepare_phase_dirs(run_dir, phases, resume=resume, overwrite=overwrite)
-  dataset = data.load_dataset(task_dir, config.preprocess_config(),
-                              cache_dir=cache_dir, progress=progress)
-  if phases[0] == 1:
-    split = data.default_split(dataset.task, seed=config.split_seed)
-  else:
-    split = data.Split.load(init / "split.json")
-  return {phase: train_phase(config, dataset, split,
-                             run_dir / runs.PHASE_DIRS[phase], phase=phase,
-                             loss=phase2_loss if phase == 2 else None,
-                             init=init if phase == 2 else None,
-                             progress=progress)
-          for phase in phases}
+  with preemption.catch_signals():  # Also between the phases.
+    dataset = data.load_dataset(task_dir, config.preprocess_config(),
+                                cache_dir=cache_dir, progress=progress)
+    if phases[0] == 1:
+      split = data.default_split(dataset.task, seed=config.split_seed)
+    else:
+      split = data.Split.load(init / "split.json")
+    return {phase: train_phase(config, dataset, split,
+                               run_dir / runs.PHASE_DIRS[phase], phase=phase,
+                               loss=phase2_loss if phase == 2 else None,
+                               init=init if phase == 2 else None,
+                               progress=progress)
+            for phase in phases}

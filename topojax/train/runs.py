@@ -8,7 +8,9 @@ each with:
   1's, so both phases and later evaluation see the same test cases);
 * ``model.json``: the network's input channels (modality names, in order)
   and output channels (the task's labels), for ``topojax.predict``;
-* ``checkpoints/``: the latest and the best epoch (``topojax.checkpoint``);
+* ``checkpoints/``: the two latest and the best epoch
+  (``topojax.checkpoint``); ``interrupted/``: the state of an epoch stopped
+  part-way by a signal, until that epoch is saved whole;
 * ``log.jsonl``: one line per epoch: train loss, validation Dice, validation
   topological loss, learning rate, time, throughput;
 * ``curves.png``: those curves; ``summary.json``: written when the phase ends.
@@ -34,6 +36,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -44,9 +47,11 @@ from topojax import data
 from topojax.train import config as config_lib
 
 PHASE_DIRS = {1: "phase1", 2: "phase2"}
+# The state of an epoch stopped part-way (preemption), beside checkpoints/.
+INTERRUPTED_DIR = "interrupted"
 # Every file and folder a phase writes: what an overwrite deletes.
 _RUN_FILES = ("config.json", "split.json", "model.json", "log.jsonl",
-              "curves.png", "summary.json", "checkpoints")
+              "curves.png", "summary.json", "checkpoints", INTERRUPTED_DIR)
 # Fields that must agree between phase 1 and the phase 2 built on it.
 _SHARED_FIELDS = ("shape", "modalities", "label_mode", "split_seed",
                   "base_channels", "depth", "norm")
@@ -233,10 +238,93 @@ def open_phase_dir(run_dir: pathlib.Path, spec: dict[str, Any],
   return None
 
 
+def _warn(message: str) -> None:
+  """One line on stderr, from process 0."""
+  if jax.process_index() == 0:
+    print(f"topojax: warning: {message}", file=sys.stderr, flush=True)
+
+
+def discard_interrupted(run_dir: pathlib.Path) -> None:
+  """Deletes ``INTERRUPTED_DIR`` once its epoch is saved whole (process 0)."""
+  path = run_dir / INTERRUPTED_DIR
+  if jax.process_index() == 0 and path.exists():
+    shutil.rmtree(path)
+
+
+def _check_trained_alike(meta: dict[str, Any], where: str, *,
+                         config: config_lib.TrainConfig,
+                         split: data.Split) -> None:
+  if meta["seed"] != config.seed or tuple(meta["train_cases"]) != split.train:
+    raise ValueError(f"checkpoint {where} was trained with another seed or "
+                     "other training cases")
+
+
+def _restore_interrupted(path: pathlib.Path, latest: int, state, *,
+                         config: config_lib.TrainConfig, split: data.Split):
+  """The state of an epoch stopped part-way after epoch ``latest``, or ``None``.
+
+  Returns ``(state, meta)``; ``None`` when there is none, when it is older
+  than ``latest`` (its epoch was finished after all), or when it cannot be
+  read (said in one line).
+  """
+  if not path.is_dir():
+    return None
+  try:
+    restored = checkpoint.restore_interrupted(
+        path, model=state["model"], optimizer=state["opt_state"])
+  except checkpoint.CheckpointError as err:
+    _warn(f"{err}; resuming from the last finished epoch instead")
+    return None
+  meta = restored["meta"]
+  if meta["epoch"] != latest + 1:
+    return None
+  _check_trained_alike(meta, str(path), config=config, split=split)
+  return {"model": restored["model"],
+          "opt_state": restored["optimizer"]}, meta
+
+
+def _restore_latest(manager, state: dict[str, Any], *,
+                    config: config_lib.TrainConfig, split: data.Split):
+  """``(state, epoch)`` of the newest step that reads; ``None`` if none saved.
+
+  Each step that fails to read or verify is named on stderr and deleted,
+  since the epochs after the one restored are trained again.
+
+  Raises:
+    checkpoint.CheckpointError: steps were saved and none reads.
+  """
+  skipped = []
+  for epoch in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = checkpoint.restore(manager, epoch, model=state["model"],
+                                    optimizer=state["opt_state"])
+    except checkpoint.CheckpointError as err:
+      _warn(f"{err}; skipped, and deleted if an earlier epoch reads")
+      skipped.append(epoch)
+      continue
+    _check_trained_alike(restored["meta"], f"{epoch} in {manager.directory}",
+                         config=config, split=split)
+    for damaged in skipped:
+      manager.delete(damaged)
+    return {"model": restored["model"],
+            "opt_state": restored["optimizer"]}, epoch
+  if skipped:
+    raise checkpoint.CheckpointError(
+        f"no checkpoint in {manager.directory} can be read (epochs "
+        f"{skipped}); start the phase again with --overwrite")
+  return None
+
+
 def restore_state(manager, state: dict[str, Any], *,
                   config: config_lib.TrainConfig, split: data.Split,
-                  init: pathlib.Path | None) -> tuple[dict[str, Any], int]:
-  """The state to start from: the latest epoch, or a new phase's start.
+                  init: pathlib.Path | None, interrupted: pathlib.Path
+                  ) -> tuple[dict[str, Any], int, dict[str, Any]]:
+  """The state to start from: where training stopped, or a new phase's start.
+
+  Tried in order: the epoch stopped part-way in ``interrupted`` when it
+  follows the latest saved epoch, then the saved epochs newest first. Each
+  is verified against its checksums; one that fails is named on stderr and
+  the next is tried.
 
   Args:
     manager: the phase's ``checkpoint.open_manager``.
@@ -246,31 +334,36 @@ def restore_state(manager, state: dict[str, Any], *,
     config: the run's configuration; its seed must be the checkpoint's.
     split: the case ids; its training cases must be the checkpoint's.
     init: the phase-1 folder a new phase 2 starts from, or ``None``.
+    interrupted: the folder of an epoch stopped part-way
+      (``checkpoint.save_interrupted``).
 
   Returns:
-    ``(state, epoch)``: ``epoch`` is the last finished one, 0 for a new
-    phase, which starts from ``init``'s best model when given (and a new
-    Adam state).
+    ``(state, epoch, place)``: ``epoch`` is the last finished one, 0 for a
+    new phase, which starts from ``init``'s best model when given (and a new
+    Adam state); ``place`` is where epoch ``epoch + 1`` stopped,
+    ``{"batches": ..., "loss_sum": ..., "seconds": ...}``, or ``{}`` to
+    start it afresh.
 
   Raises:
-    ValueError: the latest checkpoint was trained with another seed or
-      other training cases.
+    ValueError: the checkpoint was trained with another seed or other
+      training cases.
+    checkpoint.CheckpointError: epochs were saved and none reads, or
+      ``init``'s best epoch does not read.
   """
-  epoch = manager.latest_step()
-  if epoch is not None:
-    restored = checkpoint.restore(manager, epoch, model=state["model"],
-                                  optimizer=state["opt_state"])
-    meta = restored["meta"]
-    if (meta["seed"] != config.seed
-        or tuple(meta["train_cases"]) != split.train):
-      raise ValueError(f"checkpoint {epoch} in {manager.directory} was "
-                       "trained with another seed or other training cases")
-    return {"model": restored["model"],
-            "opt_state": restored["optimizer"]}, epoch
+  latest = manager.latest_step() or 0
+  found = _restore_interrupted(interrupted, latest, state, config=config,
+                               split=split)
+  if found is not None:
+    state, meta = found
+    return state, meta["epoch"] - 1, {
+        key: meta[key] for key in ("batches", "loss_sum", "seconds")}
+  found = _restore_latest(manager, state, config=config, split=split)
+  if found is not None:
+    return (*found, {})
   if init is not None:
     with checkpoint.open_manager(init / "checkpoints",
                                  read_only=True) as init_manager:
       restored = checkpoint.restore(init_manager, init_manager.best_step(),
                                     model=state["model"])
     state = {**state, "model": restored["model"]}
-  return state, 0
+  return state, 0, {}
