@@ -29,21 +29,26 @@ def _onednn_dirs() -> tuple[str, str]:
 class OptionalBuildExt(build_ext):
   """``build_ext`` that skips, with one line on stderr, what cannot build."""
 
-  def build_extension(self, ext):
-    try:
-      if sys.platform != "linux" or platform.machine() != "x86_64":
-        raise RuntimeError(f"no oneDNN wheel for {sys.platform} "
-                           f"{platform.machine()}")
-      import jax.ffi  # pylint: disable=import-outside-toplevel
-      include, library = _onednn_dirs()
-      ext.include_dirs += [include, jax.ffi.include_dir()]
-      ext.library_dirs.append(library)
-      super().build_extension(ext)
-    except Exception as error:  # pylint: disable=broad-except
-      # Any failure (no compiler, no wheel, a compile error) leaves topojax
-      # on XLA's convolutions rather than failing the install.
-      print(f"topojax: the oneDNN convolutions were not built ({error}); "
-            "topojax will use XLA's convolutions", file=sys.stderr)
+  def build_extensions(self):
+    built = []
+    for ext in self.extensions:
+      try:
+        if sys.platform != "linux" or platform.machine() != "x86_64":
+          raise RuntimeError(f"no oneDNN wheel for {sys.platform} "
+                             f"{platform.machine()}")
+        import jax.ffi  # pylint: disable=import-outside-toplevel
+        include, library = _onednn_dirs()
+        ext.include_dirs += [include, jax.ffi.include_dir()]
+        ext.library_dirs.append(library)
+        self.build_extension(ext)
+        built.append(ext)
+      except Exception as error:  # pylint: disable=broad-except
+        # Any failure (no compiler, no wheel, a compile error) leaves
+        # topojax on XLA's convolutions rather than failing the install.
+        print(f"topojax: the oneDNN convolutions were not built ({error}); "
+              "topojax will use XLA's convolutions", file=sys.stderr)
+    # What did not build is neither copied in place nor packaged.
+    self.extensions = built
 
 
 setup(

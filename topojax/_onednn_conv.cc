@@ -157,6 +157,11 @@ void Execute(const dnnl::primitive& primitive, int kernel_arg,
              const memory::desc& kernel_desc, void* kernel,
              const memory::dims& kernel_dims, bool kernel_is_output,
              std::unordered_map<int, memory> args) {
+  // One convolution at a time: each already runs on every core, and
+  // concurrent OpenMP teams (one per XLA device, e.g. with
+  // --xla_force_host_platform_device_count) can deadlock libgomp.
+  static std::mutex running;
+  std::lock_guard<std::mutex> lock(running);
   dnnl::stream stream(Engine());
   memory plain(Plain(kernel_dims, Tag::dhwio), Engine(), kernel);
   if (kernel_desc == plain.get_desc()) {
