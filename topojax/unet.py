@@ -16,13 +16,13 @@ with a softmax (see ``probabilities``). Every spatial side must be a multiple
 of ``2^(depth - 1)``.
 
 Three layers are written for XLA's CPU backend, where Flax's stock ones are
-slow; together they make a training step 2 to 3 times faster there
-(``benchmarks/RESULTS.md``):
+slow (``benchmarks/RESULTS.md``):
 
-* On CPU, a ``3×3×3`` convolution runs as three 2D ``3×3`` convolutions over
-  the ``(Y, Z)`` planes, one per X offset, summed (``conv3d_by_planes``).
-  Same function, different summation order; other backends keep the 3D
-  convolution.
+* On CPU, the convolutions run on oneDNN through XLA's FFI (``conv.conv3d``)
+  where topojax's native part is built; without it, a ``3×3×3`` convolution
+  runs as three 2D ``3×3`` convolutions over the ``(Y, Z)`` planes, one per
+  X offset, summed (``conv3d_by_planes``). Same function, different
+  summation order; other backends keep XLA's 3D convolution.
 * The up-convolution is a matrix product to ``8 · C_out`` channels followed by
   a depth-to-space reshape (``UpConv``), which is exactly a ``2×2×2``
   stride-2 transposed convolution.
