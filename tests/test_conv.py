@@ -1,6 +1,9 @@
 """Tests for topojax/conv.py: oneDNN's 3D convolutions against XLA's."""
 
 import logging
+import os
+import subprocess
+import sys
 from unittest import mock
 
 import jax
@@ -148,3 +151,39 @@ def test_train_step_equals_the_xla_path():
   np.testing.assert_allclose(losses, xla_losses, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(xla_model)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from topojax import conv
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+batch = jax.NamedSharding(mesh, jax.P("data"))
+whole = jax.NamedSharding(mesh, jax.P())
+rng = np.random.default_rng(0)
+x = rng.normal(size=(4, 6, 5, 4, 3)).astype(np.float32)
+kernel = rng.normal(size=(3, 3, 3, 3, 2)).astype(np.float32)
+def loss(conv3d):
+  return lambda x, k: jnp.sum(jnp.sin(conv3d(x, k)))
+lax = lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+step = jax.jit(jax.value_and_grad(loss(conv.conv3d), argnums=(0, 1)),
+               in_shardings=(batch, whole))
+hlo = step.lower(x, kernel).compile().as_text()
+calls = [l for l in hlo.splitlines() if "custom_call_target=\\"topojax" in l]
+print(len(calls), all("f32[1,6,5,4," in l for l in calls))
+got = step(jax.device_put(x, batch), jax.device_put(kernel, whole))
+expected = jax.value_and_grad(loss(lax), argnums=(0, 1))(x, kernel)
+print(max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(b).max())
+          for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))))
+"""
+
+
+def test_a_batch_split_over_devices_is_convolved_per_device():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  out = subprocess.run([sys.executable, "-c", _SHARDED], env=env,
+                       capture_output=True, text=True, check=True, timeout=300)
+  count, per_device, error = out.stdout.split()
+  # Forward, input and kernel gradient, each on one case of the four.
+  assert count == "3" and per_device == "True"
+  assert float(error) < 1e-5

@@ -22,6 +22,10 @@ import logging
 import pathlib
 
 import jax
+import jax.custom_batching
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 _LOG = logging.getLogger("topojax")
@@ -76,8 +80,8 @@ def supported(lhs: jax.Array, rhs: jax.Array, window_strides, padding, *,
               feature_group_count=1, batch_group_count=1, **others) -> bool:
   """Whether ``jax.lax.conv_general_dilated`` with these arguments is a
   ``conv3d``: float32, channels-last 3D, undilated, ungrouped, 'SAME',
-  'VALID' or explicit padding, no precision or output type asked for, on the
-  CPU backend with the native part loaded."""
+  'VALID' or non-negative explicit padding, no precision or output type
+  asked for, on the CPU backend with the native part loaded."""
   return (lhs.ndim == 5 and lhs.dtype == np.float32
           and rhs.dtype == np.float32
           and dimension_numbers == jax.lax.conv_dimension_numbers(
@@ -86,7 +90,9 @@ def supported(lhs: jax.Array, rhs: jax.Array, window_strides, padding, *,
           and all(d == 1 for d in (rhs_dilation or (1,)))
           and feature_group_count == 1 and batch_group_count == 1
           and all(v is None for v in others.values())
-          and (isinstance(padding, str) or len(padding) == 3)
+          and (isinstance(padding, str) or (
+              len(padding) == 3 and all(lo >= 0 and hi >= 0
+                                        for lo, hi in padding)))
           and jax.default_backend() == "cpu" and available())
 
 
@@ -137,12 +143,68 @@ def _call(target, result_shape, a, b, strides, pads):
       vmap_method="sequential")(a, b, **_attributes(strides, pads))
 
 
+def _per_shard(target, rule, **factors):
+  """``_call`` of ``target`` that XLA's partitioner runs once per batch
+  shard: with the batch split over devices (the train step's data
+  parallelism), each device convolves its own cases, instead of gathering
+  the batch. Only the batch axis may be split; the kernel gradient, a sum
+  over the batch, is summed over the devices too."""
+  @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+  def call(a, b, result_shape, strides, pads):
+    return _call(target, result_shape, a, b, strides, pads)
+
+  def partition(result_shape, strides, pads, mesh, arg_shapes, result):
+    del result
+    axes = arg_shapes[0].sharding.spec[0] if arg_shapes[0].sharding.spec \
+        else None
+    batch = NamedSharding(mesh, P(axes))
+    whole = NamedSharding(mesh, P())
+    shard_shape = list(result_shape)
+    if target == "kernel":
+      def lower(a, b):
+        partial = _call(target, result_shape, a, b, strides, pads)
+        return jax.lax.psum(partial, axes) if axes else partial
+      return mesh, lower, whole, (batch, batch)
+    def lower(a, b):
+      shard_shape[0] = a.shape[0]
+      return _call(target, tuple(shard_shape), a, b, strides, pads)
+    return mesh, lower, batch, (batch, whole)
+
+  whole = [f for f in dict.fromkeys(rule) if f.isalpha() and f != "n"]
+  call.def_partition(partition=partition, sharding_rule=rule,
+                     need_replication_factors=tuple(whole), **factors)
+  return call
+# Every factor but the batch n stays whole on each device (Shardy wants
+# them in the order they first appear).
+_FORWARD = _per_shard("forward", "n a b c i, d e f i o -> n p q r o")
+_INPUT = _per_shard("input", "n p q r o, d e f i o -> n a b c i")
+_KERNEL = _per_shard("kernel", "n a b c i, n p q r o -> d e f i o",
+                     reduction_factors=("n",))
+
+
+def _mapped(call, result_shape, strides, pads):
+  """``call(a, b, result_shape, strides, pads)`` as a function of ``(a, b)``
+  that ``jax.vmap`` runs once per mapped element (the partitioner's custom
+  call has no batching rule of its own)."""
+  @jax.custom_batching.custom_vmap
+  def run(a, b):
+    return call(a, b, result_shape, strides, pads)
+
+  @run.def_vmap
+  def _(axis_size, in_batched, a, b):
+    a, b = (v if batched else jax.numpy.broadcast_to(v, (axis_size, *v.shape))
+            for v, batched in zip((a, b), in_batched))
+    return jax.lax.map(lambda ab: run(*ab), (a, b)), True
+
+  return run
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, strides, pads):
   out = [(size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in
          zip(x.shape[1:4], kernel.shape[:3], strides, pads)]
-  return _call("forward", (x.shape[0], *out, kernel.shape[-1]), x, kernel,
-               strides, pads)
+  return _mapped(_FORWARD, (x.shape[0], *out, kernel.shape[-1]), strides,
+                 pads)(x, kernel)
 
 
 def _conv_forward(x, kernel, strides, pads):
@@ -151,8 +213,8 @@ def _conv_forward(x, kernel, strides, pads):
 
 def _conv_backward(strides, pads, saved, grad):
   x, kernel = saved
-  return (_call("input", x.shape, grad, kernel, strides, pads),
-          _call("kernel", kernel.shape, x, grad, strides, pads))
+  return (_mapped(_INPUT, x.shape, strides, pads)(grad, kernel),
+          _mapped(_KERNEL, kernel.shape, strides, pads)(x, grad))
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
