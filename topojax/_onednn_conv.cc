@@ -17,6 +17,7 @@
 // oneDNN runs on OpenMP threads, by default as many as the process may use
 // (its CPU affinity), and the same thread count gives the same bits.
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <map>
@@ -251,17 +252,36 @@ ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     return e;
   }
   try {
+    // One sample at a time, the samples' kernels summed in order: a long
+    // float32 sum over the whole batch loses ~10x XLA's accuracy (measured
+    // at 4 x 32^3), and per-sample terms keep a batch split over devices
+    // (summed by an all-reduce) within a few roundings of one device.
     Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(),
                               dy.dimensions(), strides, padding_low,
                               padding_high);
+    const int64_t samples = g.src[0];
+    g.src[0] = g.dst[0] = 1;
+    const int64_t x_size = x.element_count() / std::max<int64_t>(samples, 1);
+    const int64_t dy_size =
+        dy.element_count() / std::max<int64_t>(samples, 1);
+    const int64_t dw_size = dw->element_count();
+    float* total = dw->typed_data();
+    std::fill(total, total + dw_size, 0.0f);
+    if (samples == 0) return ffi::Error::Success();
     const Primitives& p = Get(g, Pass::kKernel);
-    Execute(p.backward_kernel, DNNL_ARG_DIFF_WEIGHTS,
-            p.kernel_desc.diff_weights_desc(), dw->typed_data(), g.weights,
-            true,
-            {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
-                                   x.typed_data())},
-             {DNNL_ARG_DIFF_DST, memory(Plain(g.dst, Tag::ndhwc), Engine(),
-                                        dy.typed_data())}});
+    std::vector<float> term(samples > 1 ? dw_size : 0);
+    for (int64_t n = 0; n < samples; ++n) {
+      float* out = n == 0 ? total : term.data();
+      Execute(p.backward_kernel, DNNL_ARG_DIFF_WEIGHTS,
+              p.kernel_desc.diff_weights_desc(), out, g.weights, true,
+              {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
+                                     x.typed_data() + n * x_size)},
+               {DNNL_ARG_DIFF_DST, memory(Plain(g.dst, Tag::ndhwc), Engine(),
+                                          dy.typed_data() + n * dy_size)}});
+      if (n > 0) {
+        for (int64_t i = 0; i < dw_size; ++i) total[i] += term[i];
+      }
+    }
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }

@@ -9,8 +9,9 @@ channels-last arrays, without layout copies.
 
 The native part (``topojax/_onednn_conv.cc``) is built by ``pip install``
 against the ``onednn-cpu-gomp`` wheel. Where it is missing (no compiler at
-install, another OS or CPU), ``available()`` is False, topojax says so once
-in a logged warning and computes every convolution with XLA.
+install, another OS or CPU), or with ``TOPOJAX_ONEDNN=0`` in the environment,
+``available()`` is False, topojax says so once in a logged warning and
+computes every convolution with XLA.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ctypes
 import functools
 import importlib.metadata
 import logging
+import os
 import pathlib
 
 import jax
@@ -49,6 +51,8 @@ def _load_onednn() -> None:
 @functools.cache
 def _native() -> str | None:
   """Registers the FFI targets; the reason they are unavailable, or None."""
+  if os.environ.get("TOPOJAX_ONEDNN") == "0":
+    return "switched off by TOPOJAX_ONEDNN=0"
   found = sorted(pathlib.Path(__file__).parent.glob("_onednn_conv*.so"))
   if not found:
     return "the native part was not built at install"
