@@ -182,6 +182,17 @@ void Execute(const dnnl::primitive& primitive, int kernel_arg,
   stream.wait();
 }
 
+// terms[0:size] = the sum of the `count` arrays of `size` floats at
+// `terms`, the first half's sum plus the second half's, recursively.
+void SumPairwise(float* terms, int64_t count, int64_t size) {
+  if (count < 2) return;
+  const int64_t half = count / 2;
+  SumPairwise(terms, half, size);
+  SumPairwise(terms + half * size, count - half, size);
+  const float* second = terms + half * size;
+  for (int64_t i = 0; i < size; ++i) terms[i] += second[i];
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y,
                    ffi::Span<const int64_t> strides,
@@ -252,36 +263,37 @@ ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     return e;
   }
   try {
-    // One sample at a time, the samples' kernels summed in order: a long
+    // One sample at a time, the samples' kernels summed pairwise: a long
     // float32 sum over the whole batch loses ~10x XLA's accuracy (measured
-    // at 4 x 32^3), and per-sample terms keep a batch split over devices
-    // (summed by an all-reduce) within a few roundings of one device.
+    // at 4 x 32^3), and per-sample terms summed as a tree give, for a batch
+    // split over a power of two of devices and summed by an all-reduce,
+    // the same partial sums as one device.
     Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(),
                               dy.dimensions(), strides, padding_low,
                               padding_high);
     const int64_t samples = g.src[0];
     g.src[0] = g.dst[0] = 1;
-    const int64_t x_size = x.element_count() / std::max<int64_t>(samples, 1);
-    const int64_t dy_size =
-        dy.element_count() / std::max<int64_t>(samples, 1);
     const int64_t dw_size = dw->element_count();
     float* total = dw->typed_data();
-    std::fill(total, total + dw_size, 0.0f);
-    if (samples == 0) return ffi::Error::Success();
+    if (samples == 0) {
+      std::fill(total, total + dw_size, 0.0f);
+      return ffi::Error::Success();
+    }
+    const int64_t x_size = x.element_count() / samples;
+    const int64_t dy_size = dy.element_count() / samples;
     const Primitives& p = Get(g, Pass::kKernel);
-    std::vector<float> term(samples > 1 ? dw_size : 0);
+    std::vector<float> terms(samples * dw_size);
     for (int64_t n = 0; n < samples; ++n) {
-      float* out = n == 0 ? total : term.data();
       Execute(p.backward_kernel, DNNL_ARG_DIFF_WEIGHTS,
-              p.kernel_desc.diff_weights_desc(), out, g.weights, true,
+              p.kernel_desc.diff_weights_desc(), &terms[n * dw_size],
+              g.weights, true,
               {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
                                      x.typed_data() + n * x_size)},
                {DNNL_ARG_DIFF_DST, memory(Plain(g.dst, Tag::ndhwc), Engine(),
                                           dy.typed_data() + n * dy_size)}});
-      if (n > 0) {
-        for (int64_t i = 0; i < dw_size; ++i) total[i] += term[i];
-      }
     }
+    SumPairwise(terms.data(), samples, dw_size);
+    std::copy(terms.begin(), terms.begin() + dw_size, total);
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
