@@ -136,18 +136,27 @@ Geometry MakeGeometry(ffi::Span<const int64_t> input,
           Dims(strides), Dims(padding_low), Dims(padding_high)};
 }
 
-ffi::Error CheckRanks(std::initializer_list<size_t> ranks,
-                      std::initializer_list<size_t> attrs) {
+// Checks the ranks and the attributes, runs `body`, and returns oneDNN's
+// exceptions as FFI errors.
+template <typename Body>
+ffi::Error Guarded(std::initializer_list<size_t> ranks,
+                   ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding_low,
+                   ffi::Span<const int64_t> padding_high, Body body) {
   for (size_t r : ranks) {
     if (r != 5) {
       return ffi::Error::InvalidArgument("topojax conv3d: arrays of rank 5");
     }
   }
-  for (size_t a : attrs) {
-    if (a != 3) {
-      return ffi::Error::InvalidArgument(
-          "topojax conv3d: strides and paddings of 3 values");
-    }
+  if (strides.size() != 3 || padding_low.size() != 3 ||
+      padding_high.size() != 3) {
+    return ffi::Error::InvalidArgument(
+        "topojax conv3d: strides and paddings of 3 values");
+  }
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -198,27 +207,20 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding_low,
                    ffi::Span<const int64_t> padding_high) {
-  if (auto e = CheckRanks({x.dimensions().size(), w.dimensions().size(),
-                           y->dimensions().size()},
-                          {strides.size(), padding_low.size(),
-                           padding_high.size()});
-      e.failure()) {
-    return e;
-  }
-  try {
-    Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(),
-                              strides, padding_low, padding_high);
-    const Primitives& p = Get(g, Pass::kForward);
-    Execute(p.forward, DNNL_ARG_WEIGHTS, p.forward_desc.weights_desc(),
-            w.typed_data(), g.weights, false,
-            {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
-                                   x.typed_data())},
-             {DNNL_ARG_DST, memory(Plain(g.dst, Tag::ndhwc), Engine(),
-                                   y->typed_data())}});
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return Guarded(
+      {x.dimensions().size(), w.dimensions().size(), y->dimensions().size()},
+      strides, padding_low, padding_high, [&] {
+        Geometry g = MakeGeometry(x.dimensions(), w.dimensions(),
+                                  y->dimensions(), strides, padding_low,
+                                  padding_high);
+        const Primitives& p = Get(g, Pass::kForward);
+        Execute(p.forward, DNNL_ARG_WEIGHTS, p.forward_desc.weights_desc(),
+                w.typed_data(), g.weights, false,
+                {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
+                                       x.typed_data())},
+                 {DNNL_ARG_DST, memory(Plain(g.dst, Tag::ndhwc), Engine(),
+                                       y->typed_data())}});
+      });
 }
 
 ffi::Error BackwardInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
@@ -226,78 +228,63 @@ ffi::Error BackwardInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                          ffi::Span<const int64_t> strides,
                          ffi::Span<const int64_t> padding_low,
                          ffi::Span<const int64_t> padding_high) {
-  if (auto e = CheckRanks({dy.dimensions().size(), w.dimensions().size(),
-                           dx->dimensions().size()},
-                          {strides.size(), padding_low.size(),
-                           padding_high.size()});
-      e.failure()) {
-    return e;
-  }
-  try {
-    Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(),
-                              dy.dimensions(), strides, padding_low,
-                              padding_high);
-    const Primitives& p = Get(g, Pass::kInput);
-    Execute(p.backward_input, DNNL_ARG_WEIGHTS, p.input_desc.weights_desc(),
-            w.typed_data(), g.weights, false,
-            {{DNNL_ARG_DIFF_DST, memory(Plain(g.dst, Tag::ndhwc), Engine(),
-                                        dy.typed_data())},
-             {DNNL_ARG_DIFF_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
-                                        dx->typed_data())}});
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return Guarded(
+      {dy.dimensions().size(), w.dimensions().size(), dx->dimensions().size()},
+      strides, padding_low, padding_high, [&] {
+        Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(),
+                                  dy.dimensions(), strides, padding_low,
+                                  padding_high);
+        const Primitives& p = Get(g, Pass::kInput);
+        Execute(p.backward_input, DNNL_ARG_WEIGHTS,
+                p.input_desc.weights_desc(), w.typed_data(), g.weights, false,
+                {{DNNL_ARG_DIFF_DST, memory(Plain(g.dst, Tag::ndhwc),
+                                            Engine(), dy.typed_data())},
+                 {DNNL_ARG_DIFF_SRC, memory(Plain(g.src, Tag::ndhwc),
+                                            Engine(), dx->typed_data())}});
+      });
 }
 
+// The kernel gradient, one sample at a time, the samples' kernels summed
+// pairwise: a long float32 sum over the whole batch loses ~10x XLA's
+// accuracy (measured at 4 x 32^3), and per-sample terms summed as a tree
+// give, for a batch split over a power of two of devices and summed by an
+// all-reduce, the same partial sums as one device.
 ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw,
                           ffi::Span<const int64_t> strides,
                           ffi::Span<const int64_t> padding_low,
                           ffi::Span<const int64_t> padding_high) {
-  if (auto e = CheckRanks({x.dimensions().size(), dy.dimensions().size(),
-                           dw->dimensions().size()},
-                          {strides.size(), padding_low.size(),
-                           padding_high.size()});
-      e.failure()) {
-    return e;
-  }
-  try {
-    // One sample at a time, the samples' kernels summed pairwise: a long
-    // float32 sum over the whole batch loses ~10x XLA's accuracy (measured
-    // at 4 x 32^3), and per-sample terms summed as a tree give, for a batch
-    // split over a power of two of devices and summed by an all-reduce,
-    // the same partial sums as one device.
-    Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(),
-                              dy.dimensions(), strides, padding_low,
-                              padding_high);
-    const int64_t samples = g.src[0];
-    g.src[0] = g.dst[0] = 1;
-    const int64_t dw_size = dw->element_count();
-    float* total = dw->typed_data();
-    if (samples == 0) {
-      std::fill(total, total + dw_size, 0.0f);
-      return ffi::Error::Success();
-    }
-    const int64_t x_size = x.element_count() / samples;
-    const int64_t dy_size = dy.element_count() / samples;
-    const Primitives& p = Get(g, Pass::kKernel);
-    std::vector<float> terms(samples * dw_size);
-    for (int64_t n = 0; n < samples; ++n) {
-      Execute(p.backward_kernel, DNNL_ARG_DIFF_WEIGHTS,
-              p.kernel_desc.diff_weights_desc(), &terms[n * dw_size],
-              g.weights, true,
-              {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
-                                     x.typed_data() + n * x_size)},
-               {DNNL_ARG_DIFF_DST, memory(Plain(g.dst, Tag::ndhwc), Engine(),
-                                          dy.typed_data() + n * dy_size)}});
-    }
-    SumPairwise(terms.data(), samples, dw_size);
-    std::copy(terms.begin(), terms.begin() + dw_size, total);
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return Guarded(
+      {x.dimensions().size(), dy.dimensions().size(), dw->dimensions().size()},
+      strides, padding_low, padding_high, [&] {
+        Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(),
+                                  dy.dimensions(), strides, padding_low,
+                                  padding_high);
+        const int64_t samples = g.src[0];
+        const int64_t dw_size = dw->element_count();
+        float* total = dw->typed_data();
+        if (samples == 0) {
+          std::fill(total, total + dw_size, 0.0f);
+          return;
+        }
+        g.src[0] = g.dst[0] = 1;
+        const int64_t x_size = x.element_count() / samples;
+        const int64_t dy_size = dy.element_count() / samples;
+        const Primitives& p = Get(g, Pass::kKernel);
+        std::vector<float> terms(samples * dw_size);
+        for (int64_t n = 0; n < samples; ++n) {
+          Execute(p.backward_kernel, DNNL_ARG_DIFF_WEIGHTS,
+                  p.kernel_desc.diff_weights_desc(), &terms[n * dw_size],
+                  g.weights, true,
+                  {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
+                                         x.typed_data() + n * x_size)},
+                   {DNNL_ARG_DIFF_DST,
+                    memory(Plain(g.dst, Tag::ndhwc), Engine(),
+                           dy.typed_data() + n * dy_size)}});
+        }
+        SumPairwise(terms.data(), samples, dw_size);
+        std::copy(terms.begin(), terms.begin() + dw_size, total);
+      });
 }
 
 }  // namespace
