@@ -159,27 +159,30 @@ def _per_shard(target, rule, **factors):
 
   def partition(result_shape, strides, pads, mesh, arg_shapes, result):
     del result
-    axes = arg_shapes[0].sharding.spec[0] if arg_shapes[0].sharding.spec \
-        else None
+    spec = arg_shapes[0].sharding.spec
+    axes = spec[0] if spec else None
     batch = NamedSharding(mesh, P(axes))
     whole = NamedSharding(mesh, P())
-    shard_shape = list(result_shape)
     if target == "kernel":
-      def lower(a, b):
+      def sum_over_devices(a, b):
         partial = _call(target, result_shape, a, b, strides, pads)
         return jax.lax.psum(partial, axes) if axes else partial
-      return mesh, lower, whole, (batch, batch)
-    def lower(a, b):
-      shard_shape[0] = a.shape[0]
-      return _call(target, tuple(shard_shape), a, b, strides, pads)
-    return mesh, lower, batch, (batch, whole)
+      return mesh, sum_over_devices, whole, (batch, batch)
+    def per_device(a, b):
+      return _call(target, (a.shape[0], *result_shape[1:]), a, b, strides,
+                   pads)
+    return mesh, per_device, batch, (batch, whole)
 
+  # Every factor but the batch n stays whole on each device (Shardy wants
+  # them in the order they first appear).
   whole = [f for f in dict.fromkeys(rule) if f.isalpha() and f != "n"]
   call.def_partition(partition=partition, sharding_rule=rule,
                      need_replication_factors=tuple(whole), **factors)
   return call
-# Every factor but the batch n stays whole on each device (Shardy wants
-# them in the order they first appear).
+
+
+# Factors: n batch, (a, b, c) input sides, (d, e, f) kernel sides, i and o
+# input and output channels, (p, q, r) output sides.
 _FORWARD = _per_shard("forward", "n a b c i, d e f i o -> n p q r o")
 _INPUT = _per_shard("input", "n p q r o, d e f i o -> n a b c i")
 _KERNEL = _per_shard("kernel", "n a b c i, n p q r o -> d e f i o",

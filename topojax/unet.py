@@ -105,8 +105,8 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, *,
   (``conv.conv3d``) where the native part is built; otherwise, a stride-1,
   undilated, ungrouped 'SAME' one whose kernel has an odd X side above 1
   runs as ``conv3d_by_planes``. Everything else, and every convolution on
-  other backends, goes to ``jax.lax.conv_general_dilated`` unchanged. No
-  precision, output type or sharding may be asked for.
+  other backends, goes to ``jax.lax.conv_general_dilated`` unchanged, as
+  does any convolution that asks for a precision, output type or sharding.
   """
   options = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                  dimension_numbers=dimension_numbers,
