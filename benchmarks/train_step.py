@@ -13,6 +13,8 @@ Implementations (``--impl``):
 * ``torch``: a PyTorch U-Net of the same architecture (``Conv3d``,
   ``GroupNorm``, ``MaxPool3d``, ``ConvTranspose3d``), Adam, soft Dice.
 
+``--compare`` runs topojax (oneDNN convolutions), topojax on XLA's
+convolutions and PyTorch side by side in one process, in alternating rounds.
 ``--conv`` times one 16→16 ``3×3×3`` convolution instead, forward and
 forward+backward, in several formulations. ``--all`` runs the table recorded
 in ``benchmarks/RESULTS.md`` (each row in a fresh process, so XLA flags can
@@ -25,11 +27,14 @@ Usage::
     XLA_FLAGS=--xla_cpu_use_xnnpack=false python benchmarks/train_step.py
     python benchmarks/train_step.py --conv
     python benchmarks/train_step.py --all
+    python benchmarks/train_step.py --compare --shape 32 32 32 --batch 4 \\
+        --base 8 --depth 3 --repeats 10       # side by side, one process
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 
 def _time(fn, repeats: int) -> tuple[float, list[float]]:
@@ -66,6 +72,7 @@ def _jax_step(args):
   import jax
   from flax import nnx
 
+  from topojax import conv
   from topojax import train
   from topojax import unet
 
@@ -82,18 +89,26 @@ def _jax_step(args):
       unet._max_pool = lambda x: nnx.max_pool(x, (2, 2, 2), (2, 2, 2))
   config = train.TrainConfig(
       shape=tuple(args.shape), base_channels=args.base, depth=args.depth,
-      norm="group", batch_size=args.batch)
+      norm="group", batch_size=args.batch,
+      # The paper's kernels that fit (all of them from 20 voxels up).
+      kernel_sizes=tuple(k for k in (4, 5, 8, 10, 20) if k <= min(args.shape)))
   mesh = train.data_mesh()
   model_def, state = train.init_state(config, in_channels=1, out_channels=1,
                                       learning_rate=1e-3, mesh=mesh)
-  step = train.make_train_step(
+  # A step of its own (not the factory's cached one), so that one process
+  # can hold the step on oneDNN and on XLA's convolutions side by side.
+  step = train.make_train_step.__wrapped__(
       model_def, mesh, loss=args.loss, learning_rate=1e-3,
       dice_weight=config.dice_weight, kernel_sizes=config.kernel_sizes)
   images, labels = _random_batch(args)
   holder = {"state": state}
+  native = contextlib.nullcontext
+  if getattr(args, "xla_conv", False):
+    native = lambda: mock.patch.object(conv, "available", lambda: False)
 
   def run():
-    holder["state"], loss = step(holder["state"], images, labels)
+    with native():  # read when the step is traced, at its first call
+      holder["state"], loss = step(holder["state"], images, labels)
     loss.block_until_ready()
 
   return run
@@ -164,6 +179,7 @@ def _conv_rows(repeats: int) -> list[dict]:
   import numpy as np
   import torch
 
+  from topojax import conv
   from topojax import unet
 
   torch.set_num_threads(os.cpu_count())
@@ -197,15 +213,19 @@ def _conv_rows(repeats: int) -> list[dict]:
       ("lax 3D conv, bfloat16", lax_conv, x.astype(jnp.bfloat16),
        w.astype(jnp.bfloat16)),
       ("im2col + one matmul", im2col, x, w),
-      ("3 × 2D conv over (Y, Z) (topojax)", unet.conv3d_by_planes, x, w),
+      ("3 × 2D conv over (Y, Z) (topojax without oneDNN)",
+       unet.conv3d_by_planes, x, w),
       ("3 × 2D conv, bfloat16", unet.conv3d_by_planes,
        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)),
   ]
+  if conv.available():
+    cases.append(("oneDNN through XLA's FFI (topojax on CPU)", conv.conv3d,
+                  x, w))
   rows = []
-  for name, conv, a, b in cases:
-    forward = jax.jit(conv)
+  for name, conv_fn, a, b in cases:
+    forward = jax.jit(conv_fn)
     both = jax.jit(jax.grad(
-        lambda a, b, conv=conv: jnp.sum(conv(a, b).astype(jnp.float32) ** 2),
+        lambda a, b, f=conv_fn: jnp.sum(f(a, b).astype(jnp.float32) ** 2),
         argnums=(0, 1)))
     _, fwd = _time(lambda: forward(a, b).block_until_ready(), repeats)
     _, bwd = _time(lambda: jax.block_until_ready(both(a, b)), repeats)
@@ -334,7 +354,36 @@ def _run_all(args) -> None:
   print(f"\nload average {_load()} at the end")
 
 
-def main() -> None:
+def _compare(args) -> None:
+  """topojax (oneDNN), topojax on XLA's convolutions and PyTorch, the same
+  step in one process, in alternating rounds of ``--repeats`` steps."""
+  impls = {"topojax": _jax_step(args),
+           "topojax, XLA conv": _jax_step(argparse.Namespace(
+               **{**vars(args), "xla_conv": True})),
+           "PyTorch": _torch_step(args)}
+  print(f"{_machine()}; {_versions()}; batch {args.batch} × "
+        f"{'×'.join(map(str, args.shape))}, base {args.base}, depth "
+        f"{args.depth}, GroupNorm, {args.loss}; load average {_load()} at "
+        "the start\n")
+  for run in impls.values():  # compile and warm up
+    run()
+  print("| round | " + " | ".join(f"{name} (ms)" for name in impls)
+        + " | PyTorch ÷ topojax | XLA conv ÷ topojax |")
+  print("|---" * (len(impls) + 3) + "|")
+  ratios = []
+  for round_ in range(1, args.rounds + 1):
+    ms = {}
+    for name, run in impls.items():
+      ms[name] = 1e3 * statistics.median(_time(run, args.repeats)[1])
+    ratios.append(ms["PyTorch"] / ms["topojax"])
+    print(f"| {round_} | " + " | ".join(f"{v:.0f}" for v in ms.values())
+          + f" | {ratios[-1]:.2f} | "
+          f"{ms['topojax, XLA conv'] / ms['topojax']:.2f} |", flush=True)
+  print(f"\nPyTorch ÷ topojax, median over rounds: "
+        f"{statistics.median(ratios):.2f}; load average {_load()} at the end")
+
+
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--impl", choices=("topojax", "flax-naive", "torch"),
                       default="topojax")
@@ -353,7 +402,20 @@ def main() -> None:
                       help="time one convolution in several formulations")
   parser.add_argument("--all", action="store_true",
                       help="run the whole RESULTS.md table")
-  args = parser.parse_args()
+  parser.add_argument("--compare", action="store_true",
+                      help="topojax, topojax on XLA's convolutions and "
+                      "PyTorch in alternating rounds, in one process")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="--compare: rounds")
+  parser.add_argument("--quick", action="store_true",
+                      help="--compare on a tiny network, 1 round (CI)")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.shape, args.batch, args.base, args.depth = (8, 8, 8), 2, 2, 2
+    args.rounds, args.repeats, args.compare = 1, 1, True
+  if args.compare:
+    _compare(args)
+    return
   if args.all:
     _run_all(args)
     return

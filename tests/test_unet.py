@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from topojax import conv
 from topojax import unet
 
 
@@ -149,8 +150,10 @@ def test_cpu_planes_and_3d_convolution_give_the_same_network():
   model = _build(in_channels=1, out_channels=1, base_channels=4, depth=2)
   x = _random((1, 8, 8, 8, 1))
   forward = lambda m, x: m(x)
-  with mock.patch.object(unet, "conv3d_by_planes",
-                         wraps=unet.conv3d_by_planes) as planes:
+  # Without the oneDNN convolutions, the CPU takes the planes.
+  with mock.patch.object(conv, "available", return_value=False), \
+      mock.patch.object(unet, "conv3d_by_planes",
+                        wraps=unet.conv3d_by_planes) as planes:
     on_cpu = nnx.jit(forward)(model, x)
   # 2 convolutions in each of the 2 encoder blocks and 1 decoder block.
   assert planes.call_count == 6
@@ -158,6 +161,24 @@ def test_cpu_planes_and_3d_convolution_give_the_same_network():
     elsewhere = nnx.jit(forward)(model, x)
   assert np.isfinite(np.asarray(on_cpu)).all()
   np.testing.assert_allclose(on_cpu, elsewhere, rtol=1e-4, atol=1e-5)
+
+
+def test_onednn_and_xla_convolutions_give_the_same_network():
+  if jax.default_backend() != "cpu" or conv._native() is not None:
+    pytest.skip(f"oneDNN convolutions unavailable: {conv._native()}")
+  model = _build(in_channels=2, out_channels=3, base_channels=4, depth=3)
+  x = _random((2, 8, 12, 4, 2))
+  loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  with mock.patch.object(conv, "conv3d", wraps=conv.conv3d) as native:
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model, x)
+  # Every convolution of the 3 encoder and 2 decoder blocks, and the head.
+  assert native.call_count == 11
+  with mock.patch.object(jax, "default_backend", return_value="gpu"):
+    xla_value, xla_grads = nnx.jit(nnx.value_and_grad(loss))(model, x)
+  np.testing.assert_allclose(value, xla_value, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(xla_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * np.abs(b).max())
 
 
 @pytest.mark.parametrize("shape, depth", [((8, 8, 6), 3), ((8, 8, 7), 2),

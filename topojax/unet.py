@@ -16,13 +16,13 @@ with a softmax (see ``probabilities``). Every spatial side must be a multiple
 of ``2^(depth - 1)``.
 
 Three layers are written for XLA's CPU backend, where Flax's stock ones are
-slow; together they make a training step 2 to 3 times faster there
-(``benchmarks/RESULTS.md``):
+slow (``benchmarks/RESULTS.md``):
 
-* On CPU, a ``3×3×3`` convolution runs as three 2D ``3×3`` convolutions over
-  the ``(Y, Z)`` planes, one per X offset, summed (``conv3d_by_planes``).
-  Same function, different summation order; other backends keep the 3D
-  convolution.
+* On CPU, the convolutions run on oneDNN through XLA's FFI (``conv.conv3d``)
+  where topojax's native part is built; without it, a ``3×3×3`` convolution
+  runs as three 2D ``3×3`` convolutions over the ``(Y, Z)`` planes, one per
+  X offset, summed (``conv3d_by_planes``). Same function, different
+  summation order; other backends keep XLA's 3D convolution.
 * The up-convolution is a matrix product to ``8 · C_out`` channels followed by
   a depth-to-space reshape (``UpConv``), which is exactly a ``2×2×2``
   stride-2 transposed convolution.
@@ -37,6 +37,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from topojax import conv
 
 NORMS = ("batch", "group", "instance")
 
@@ -97,13 +99,20 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, *,
                           lhs_dilation=None, rhs_dilation=None,
                           dimension_numbers=None, feature_group_count=1,
                           **kwargs):
-  """``nnx.Conv``'s convolution: ``conv3d_by_planes`` where it is faster.
+  """``nnx.Conv``'s convolution, computed the fastest way the backend has.
 
-  That is a channels-last 3D, stride-1, undilated, ungrouped 'SAME'
-  convolution whose kernel has an odd X side above 1, and no precision, output
-  type or sharding asked for, on the CPU backend; everything else goes to
-  ``jax.lax.conv_general_dilated`` unchanged.
+  On the CPU backend, a channels-last float32 3D convolution runs on oneDNN
+  (``conv.conv3d``) where the native part is built; otherwise, a stride-1,
+  undilated, ungrouped 'SAME' one whose kernel has an odd X side above 1
+  runs as ``conv3d_by_planes``. Everything else, and every convolution on
+  other backends, goes to ``jax.lax.conv_general_dilated`` unchanged, as
+  does any convolution that asks for a precision, output type or sharding.
   """
+  options = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                 dimension_numbers=dimension_numbers,
+                 feature_group_count=feature_group_count, **kwargs)
+  if conv.supported(lhs, rhs, window_strides, padding, **options):
+    return conv.conv3d(lhs, rhs, window_strides, padding)
   plain = (lhs.ndim == 5 and padding == "SAME" and rhs.shape[0] % 2 == 1
            and rhs.shape[0] > 1
            and dimension_numbers == jax.lax.conv_dimension_numbers(
@@ -115,10 +124,8 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, *,
            and all(v is None for v in kwargs.values()))
   if plain and jax.default_backend() == "cpu":
     return conv3d_by_planes(lhs, rhs)
-  return jax.lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, **kwargs)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding,
+                                      **options)
 
 
 def _norm(kind: str, channels: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -232,7 +239,9 @@ class UNet(nnx.Module):
                         for l in range(depth - 1)])
     self.decoder = nnx.List([ConvBlock(2 * widths[l], widths[l], norm=norm,
                                        rngs=rngs) for l in range(depth - 1)])
-    self.head = nnx.Conv(widths[0], out_channels, (1, 1, 1), rngs=rngs)
+    self.head = nnx.Conv(widths[0], out_channels, (1, 1, 1),
+                         conv_general_dilated=_conv_general_dilated,
+                         rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 5 or x.shape[-1] != self.in_channels:

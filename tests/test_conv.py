@@ -1,0 +1,203 @@
+"""Tests for topojax/conv.py: oneDNN's 3D convolutions against XLA's."""
+
+import logging
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from topojax import conv
+
+_DIMENSIONS = ("NDHWC", "DHWIO", "NDHWC")
+
+
+@pytest.fixture(autouse=True)
+def native():
+  if jax.default_backend() != "cpu":
+    pytest.skip("oneDNN convolutions run on the CPU backend only")
+  reason = conv._native()
+  if reason is not None:
+    pytest.skip(f"oneDNN convolutions unavailable: {reason}")
+
+
+def _random(shape, seed):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _lax(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=_DIMENSIONS)
+
+
+# (input, kernel, strides, padding): odd sides and channel counts, strides
+# that do and do not divide, asymmetric and 'SAME' padding, 1×1×1 kernels.
+CASES = [
+    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 5), (1, 1, 1), "SAME"),
+    ((1, 9, 8, 7, 2), (3, 2, 5, 2, 4), (2, 1, 3), ((1, 2), (0, 1), (2, 0))),
+    ((2, 8, 8, 8, 1), (3, 3, 3, 1, 8), (1, 1, 1), "VALID"),
+    ((3, 5, 6, 7, 6), (1, 1, 1, 6, 1), (1, 1, 1), "SAME"),
+    ((1, 7, 6, 5, 4), (2, 2, 2, 4, 3), (2, 2, 2), "VALID"),
+    ((1, 10, 9, 8, 17), (5, 3, 3, 17, 9), (3, 2, 1), "SAME"),
+]
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES)
+def test_values_and_gradients_equal_xla_in_float64(x_shape, kernel_shape,
+                                                   strides, padding):
+  x, kernel = _random(x_shape, 0), _random(kernel_shape, 1)
+  got, vjp = jax.vjp(
+      jax.jit(lambda x, k: conv.conv3d(x, k, strides, padding)), x, kernel)
+  cotangent = _random(got.shape, 2)
+  got_grads = vjp(cotangent)
+  with jax.enable_x64(True):
+    expected, vjp64 = jax.vjp(lambda x, k: _lax(x, k, strides, padding),
+                              x.astype(np.float64), kernel.astype(np.float64))
+    expected_grads = vjp64(cotangent.astype(np.float64))
+    expected, expected_grads = jax.device_get((expected, expected_grads))
+  assert got.shape == expected.shape and got.dtype == np.float32
+  # float32 rounding of sums of a few hundred products of unit normals.
+  for g, e in zip((got, *got_grads), (expected, *expected_grads)):
+    np.testing.assert_allclose(g, e, rtol=0, atol=2e-6 * np.abs(e).max())
+
+
+def test_repeated_calls_give_the_same_bits():
+  x, kernel = _random((2, 12, 10, 8, 8), 0), _random((3, 3, 3, 8, 8), 1)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv.conv3d(x, k))),
+                          argnums=(0, 1)))
+  first = jax.device_get(grad(x, kernel))
+  for _ in range(3):
+    for a, b in zip(first, jax.device_get(grad(x, kernel))):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_gradient_of_a_batch_is_the_sum_over_its_halves():
+  # What a batch split over two devices computes: the two halves' kernel
+  # gradients, summed. Long float32 sums over the whole batch differ from
+  # it by ~1e-3 relative; per-sample terms summed pairwise give its bits.
+  x, dy = _random((4, 16, 16, 16, 8), 0), _random((4, 16, 16, 16, 8), 1)
+  kernel = _random((3, 3, 3, 8, 8), 2)
+  kernel_grad = jax.jit(lambda x, dy: jax.vjp(
+      lambda k: conv.conv3d(x, k), kernel)[1](dy)[0])
+  whole = np.asarray(kernel_grad(x, dy))
+  halves = np.asarray(kernel_grad(x[:2], dy[:2])) + np.asarray(
+      kernel_grad(x[2:], dy[2:]))
+  np.testing.assert_array_equal(whole, halves)
+
+
+def test_vmap_over_a_leading_axis():
+  x, kernel = _random((3, 1, 5, 4, 6, 2), 0), _random((3, 3, 3, 2, 3), 1)
+  got = jax.vmap(lambda x: conv.conv3d(x, kernel))(x)
+  expected = jnp.stack([_lax(xi, kernel, (1, 1, 1), "SAME") for xi in x])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, ok", [
+    ({}, True),
+    ({"rhs_dilation": (2, 1, 1)}, False),
+    ({"feature_group_count": 2}, False),
+    ({"precision": jax.lax.Precision.HIGHEST}, False),
+])
+def test_supported_only_for_what_conv3d_computes(kwargs, ok):
+  x, kernel = jnp.zeros((1, 4, 4, 4, 2)), jnp.zeros((3, 3, 3, 2 // kwargs.get(
+      "feature_group_count", 1), 2))
+  numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSIONS)
+  assert conv.supported(x, kernel, (1, 1, 1), "SAME",
+                        dimension_numbers=numbers, **kwargs) == ok
+  assert not conv.supported(x.astype(jnp.bfloat16), kernel, (1, 1, 1),
+                            "SAME", dimension_numbers=numbers)
+
+
+def test_negative_padding_is_refused():
+  with pytest.raises(ValueError, match="padding must be non-negative"):
+    conv.conv3d(jnp.zeros((1, 4, 4, 4, 1)), jnp.zeros((3, 3, 3, 1, 1)),
+                padding=((-1, 0), (0, 0), (0, 0)))
+
+
+def test_unavailable_says_so_once(caplog):
+  conv.available.cache_clear()
+  try:
+    with mock.patch.object(conv, "_native", return_value="not built"), \
+        caplog.at_level(logging.WARNING, logger="topojax"):
+      assert not conv.available() and not conv.available()
+  finally:
+    conv.available.cache_clear()
+  assert caplog.messages == [
+      "topojax: oneDNN convolutions unavailable (not built); 3D "
+      "convolutions on the CPU use XLA's"]
+  assert conv.available()
+
+
+def test_train_step_equals_the_xla_path():
+  """Two Adam steps of a small U-Net, on oneDNN and on XLA's convolutions."""
+  from topojax import train
+
+  config = train.TrainConfig(shape=(8, 8, 8), base_channels=4, depth=2,
+                             norm="group", batch_size=2, kernel_sizes=(4,))
+  mesh = train.data_mesh()
+  images = _random((2, 8, 8, 8, 1), 0)
+  labels = (_random((2, 8, 8, 8, 1), 1) > 0.5).astype(np.float32)
+
+  def two_steps():
+    # A new step function per path: jit would reuse the first one's trace.
+    model_def, state = train.init_state(config, in_channels=1,
+                                        out_channels=1, learning_rate=1e-3,
+                                        mesh=mesh)
+    step = train.make_train_step.__wrapped__(
+        model_def, mesh, loss="dice", learning_rate=1e-3, dice_weight=1.0,
+        kernel_sizes=(4,))
+    losses = []
+    for _ in range(2):
+      state, loss = step(state, images, labels)
+      losses.append(float(loss))
+    return losses, jax.device_get(state["model"])
+
+  with mock.patch.object(conv, "conv3d", wraps=conv.conv3d) as native:
+    losses, model = two_steps()
+  # 2 convolutions in each of 2 encoder blocks and 1 decoder block, the head.
+  assert native.call_count == 7
+  with mock.patch.object(conv, "available", return_value=False):
+    xla_losses, xla_model = two_steps()
+  np.testing.assert_allclose(losses, xla_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(xla_model)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from topojax import conv
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+batch = jax.NamedSharding(mesh, jax.P("data"))
+whole = jax.NamedSharding(mesh, jax.P())
+rng = np.random.default_rng(0)
+x = rng.normal(size=(4, 6, 5, 4, 3)).astype(np.float32)
+kernel = rng.normal(size=(3, 3, 3, 3, 2)).astype(np.float32)
+def loss(conv3d):
+  return lambda x, k: jnp.sum(jnp.sin(conv3d(x, k)))
+lax = lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+step = jax.jit(jax.value_and_grad(loss(conv.conv3d), argnums=(0, 1)),
+               in_shardings=(batch, whole))
+hlo = step.lower(x, kernel).compile().as_text()
+calls = [l for l in hlo.splitlines() if "custom_call_target=\\"topojax" in l]
+print(len(calls), all("f32[1,6,5,4," in l for l in calls))
+got = step(jax.device_put(x, batch), jax.device_put(kernel, whole))
+expected = jax.value_and_grad(loss(lax), argnums=(0, 1))(x, kernel)
+print(max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(b).max())
+          for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))))
+"""
+
+
+def test_a_batch_split_over_devices_is_convolved_per_device():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  out = subprocess.run([sys.executable, "-c", _SHARDED], env=env,
+                       capture_output=True, text=True, check=True, timeout=300)
+  count, per_device, error = out.stdout.split()
+  # Forward, input and kernel gradient, each on one case of the four.
+  assert count == "3" and per_device == "True"
+  assert float(error) < 1e-5
