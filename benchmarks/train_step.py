@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -44,6 +43,10 @@ import subprocess
 import sys
 import time
 from unittest import mock
+
+if __package__ in (None, ""):  # Run as a script: the repository's root.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
 
 
 def _time(fn, repeats: int) -> tuple[float, list[float]]:
@@ -116,44 +119,12 @@ def _jax_step(args):
 
 def _torch_step(args):
   import torch
-  from torch import nn
+
+  from benchmarks.torch_unet import torch_unet
 
   torch.set_num_threads(os.cpu_count())
 
-  def block(c_in, c_out):
-    layers = []
-    for a, b in ((c_in, c_out), (c_out, c_out)):
-      layers += [nn.Conv3d(a, b, 3, padding=1, bias=False),
-                 nn.GroupNorm(math.gcd(b, 8), b), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-  class UNet(nn.Module):
-
-    def __init__(self, base, depth):
-      super().__init__()
-      widths = [base * 2 ** l for l in range(depth)]
-      self.encoder = nn.ModuleList(
-          block(a, b) for a, b in zip([1] + widths[:-1], widths))
-      self.up = nn.ModuleList(nn.ConvTranspose3d(widths[l + 1], widths[l], 2,
-                                                 stride=2)
-                              for l in range(depth - 1))
-      self.decoder = nn.ModuleList(block(2 * widths[l], widths[l])
-                                   for l in range(depth - 1))
-      self.head = nn.Conv3d(widths[0], 1, 1)
-
-    def forward(self, x):
-      skips = []
-      for level, encode in enumerate(self.encoder):
-        x = encode(x)
-        if level < len(self.encoder) - 1:
-          skips.append(x)
-          x = nn.functional.max_pool3d(x, 2)
-      for level in reversed(range(len(self.up))):
-        x = self.decoder[level](torch.cat([self.up[level](x), skips[level]],
-                                          1))
-      return self.head(x)
-
-  model = UNet(args.base, args.depth)
+  model = torch_unet(base=args.base, depth=args.depth)
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
   images, labels = _random_batch(args)
   # Channels-first, as PyTorch's Conv3d wants.
