@@ -124,19 +124,24 @@ def _windows(size, patch):
 
 def measure_memory(shape=MEMORY_SHAPE, patch=32, batch=4) -> dict:
   """Peak resident memory of a fresh process predicting ``shape``."""
+  # VmHWM, the peak of this process's own memory: getrusage's ru_maxrss
+  # would also count the parent's, which it keeps across fork and exec.
   code = (
-      "import jax, numpy as np, resource, topojax\n"
+      "import jax, numpy as np, re, topojax\n"
+      "def peak():\n"
+      "  status = open('/proc/self/status').read()\n"
+      "  return int(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
       f"v = np.zeros((1, *{tuple(shape)}, 1), np.float32)\n"
-      "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+      "before = peak()\n"
       "out = topojax.sliding_window(jax.jit(jax.nn.sigmoid), v, "
       f"patch_size={(patch,) * 3}, batch_size={batch})\n"
       "jax.block_until_ready(out)\n"
-      "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+      "print(before, peak())\n")
   began = time.perf_counter()
   out = subprocess.run([sys.executable, "-c", code], check=True,
                        capture_output=True, text=True).stdout.split()
   seconds = time.perf_counter() - began
-  before, peak = (int(x) * 1024 for x in out[-2:])  # ru_maxrss is in KiB.
+  before, peak = (int(x) * 1024 for x in out[-2:])  # VmHWM is in kB.
   return {"shape": list(shape), "patch": patch, "seconds": seconds,
           "peak_bytes": peak, "before_bytes": before,
           "volume_bytes": int(np.prod(shape)) * 4}

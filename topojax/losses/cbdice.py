@@ -84,9 +84,9 @@ distances), serially: SciPy's transform holds the GIL (measured on this
 project's 2-core CPU: four 96³ transforms take 0.62 s in turn and 0.70 s on
 two threads), so worker threads would not help. The two soft skeletons run
 on the device, with no gradient. Measured with ``python -m benchmarks.loss
---losses cbdice`` (float32, batch 1, forward + backward; the 2-core CPU
-shared, load average about 7): 10 ms at 32³, 0.15 s at 64³, 1.0 s at 128³,
-7 to 22 times less than the PyTorch transcription of the authors' code.
+--losses cbdice`` (float32, batch 1, forward + backward, the project's 2-core
+CPU): 4.8 ms at 32³, 41 ms at 64³, 0.42 s at 128³, 11 to 14 times less than
+the PyTorch transcription of the authors' code.
 """
 
 from __future__ import annotations
