@@ -59,6 +59,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
+from benchmarks import outputs as outputs_lib
 from topojax.train import losses as loss_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -736,12 +737,7 @@ def main(argv=None):
   if results is None and not args.quick and args.losses is None:
     results = DEFAULT_RESULTS
   outputs = [args.out / "loss.json", args.out / "loss.png"]
-  existing = [str(p) for p in outputs if p.exists()]
-  if existing and not args.overwrite:
-    raise FileExistsError(
-        f"{', '.join(existing)} already exist; pass --overwrite to replace "
-        "them or --out for another folder")
-  args.out.mkdir(parents=True, exist_ok=True)
+  outputs_lib.claim(outputs, overwrite=args.overwrite)
 
   load_at_start = os.getloadavg()
   records, peers_missing = run(

@@ -39,6 +39,8 @@ import time
 import numpy as np
 from scipy import ndimage
 
+from benchmarks import outputs as outputs_lib
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out"
 SIZES, QUICK_SIZES = (32, 64, 96, 128), (24,)
@@ -212,12 +214,7 @@ def main(argv=None) -> int:
   if args.repeats < 1:
     raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
   outputs = [args.out / f"skeleton.{ext}" for ext in ("md", "json", "png")]
-  existing = [str(p) for p in outputs if p.exists()]
-  if existing and not args.overwrite:
-    raise FileExistsError(
-        f"{', '.join(existing)} already exist; pass --overwrite to replace "
-        "them or --out for another folder")
-  args.out.mkdir(parents=True, exist_ok=True)
+  outputs_lib.claim(outputs, overwrite=args.overwrite)
 
   load_at_start = os.getloadavg()
   records = compare(sizes=QUICK_SIZES if args.quick else SIZES,

@@ -16,6 +16,7 @@ Usage::
 
     python -m benchmarks.sliding_window                  # 128³ and 256³
     python -m benchmarks.sliding_window --memory         # + 512×512×300
+    (--overwrite replaces an earlier run's benchmarks/out/sliding_window.*)
     python -m benchmarks.sliding_window --quick          # a smoke test
 """
 
@@ -32,6 +33,8 @@ import sys
 import time
 
 import numpy as np
+
+from benchmarks import outputs as outputs_lib
 
 QUICK_SIZES = (40,)
 MEMORY_SHAPE = (512, 512, 300)
@@ -161,7 +164,11 @@ def main(argv=None) -> int:
                       help="one 40³ volume, one repeat, a small U-Net")
   parser.add_argument("--out", type=pathlib.Path,
                       default=pathlib.Path("benchmarks/out"))
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace sliding_window.md and .json if they exist")
   args = parser.parse_args(argv)
+  outputs = [args.out / "sliding_window.md", args.out / "sliding_window.json"]
+  outputs_lib.claim(outputs, overwrite=args.overwrite)
   if args.quick:
     args.sizes, args.repeats, args.base, args.depth = QUICK_SIZES, 1, 4, 2
   load = os.getloadavg()[0]
@@ -193,9 +200,8 @@ def main(argv=None) -> int:
               f"{memory['volume_bytes'] / 2**30:.2f} GiB; "
               f"{memory['before_bytes'] / 2**30:.2f} GiB before the call), "
               f"{memory['seconds']:.0f} s."]
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "sliding_window.md").write_text("\n".join(lines) + "\n")
-  (args.out / "sliding_window.json").write_text(
+  outputs[0].write_text("\n".join(lines) + "\n")
+  outputs[1].write_text(
       json.dumps({"rows": rows, "memory": memory, "load": load}, indent=1))
   print("\n".join(lines))
   return 0

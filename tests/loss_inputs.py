@@ -21,6 +21,29 @@ def logits_and_target(shape, channels, *, seed):
   return logits, target, probs
 
 
+# Arguments that the losses of the family refuse, each with its error's words:
+# every loss (BAD_INPUTS), those with soft-skeleton iterations, and those that
+# take a precomputed label skeleton.
+BAD_INPUTS = {
+    "rank 3": (dict(pred=(4, 16, 1)), "rank 3"),
+    "shape mismatch": (dict(target=(1, 8, 8, 7, 1)), "same shape"),
+    "integer pred": (dict(pred_dtype=np.int32), "pred must be a floating"),
+    "empty batch": (dict(pred=(0, 8, 8, 8, 1)), "at least one sample"),
+    "negative smooth": (dict(smooth=-1.0), "smooth"),
+    "nan smooth": (dict(smooth=float("nan")), "smooth"),
+    "start_channel too large": (dict(start_channel=1), "start_channel"),
+}
+BAD_ITERATIONS = {
+    "negative iterations": (dict(iterations=-1), "iterations"),
+    "fractional iterations": (dict(iterations=2.5), "iterations"),
+}
+BAD_SKELETONS = {
+    "skeleton shape": (dict(skeleton=np.zeros((1, 8, 8, 8, 2))),
+                       "pred and skeleton must have the same shape"),
+    "skeleton of strings": (dict(skeleton=[["a"]]), "skeleton must hold"),
+}
+
+
 def assert_refused_before_tracing(loss, jitted, spec, message):
   """``loss`` raises a ``ValueError`` matching ``message`` and compiles nothing.
 

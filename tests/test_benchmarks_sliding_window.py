@@ -18,6 +18,8 @@ def test_quick_run_times_both_and_writes_its_table(tmp_path):
   assert rows[0]["windows"] == 8
   assert all(s > 0 for k, s in rows[0].items() if k.endswith("(s)"))
   assert "| 40³ | 8 |" in (tmp_path / "sliding_window.md").read_text()
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    bench.main(["--quick", "--out", str(tmp_path)])
 
 
 def test_memory_of_a_small_volume_is_measured_in_a_fresh_process():

@@ -255,17 +255,7 @@ def test_nested_lists_are_arrays():
       cldice.cldice_loss(pred.astype(np.float32), target), rtol=1e-6)
 
 
-BAD_INPUTS = {
-    "rank 3": (dict(pred=(4, 16, 1)), "rank 3"),
-    "shape mismatch": (dict(target=(1, 8, 8, 7, 1)), "same shape"),
-    "integer pred": (dict(pred_dtype=np.int32), "pred must be a floating"),
-    "empty batch": (dict(pred=(0, 8, 8, 8, 1)), "at least one sample"),
-    "negative iterations": (dict(iterations=-1), "iterations"),
-    "fractional iterations": (dict(iterations=2.5), "iterations"),
-    "negative smooth": (dict(smooth=-1.0), "smooth"),
-    "nan smooth": (dict(smooth=float("nan")), "smooth"),
-    "start_channel too large": (dict(start_channel=1), "start_channel"),
-}
+BAD_INPUTS = {**loss_inputs.BAD_INPUTS, **loss_inputs.BAD_ITERATIONS}
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))

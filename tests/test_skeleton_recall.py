@@ -354,18 +354,7 @@ def test_dtypes(dtype):
 
 # --- Argument checks ----------------------------------------------------------
 
-BAD_INPUTS = {
-    "rank 3": (dict(pred=(4, 16, 1)), "rank 3"),
-    "shape mismatch": (dict(target=(1, 8, 8, 7, 1)), "same shape"),
-    "integer pred": (dict(pred_dtype=np.int32), "pred must be a floating"),
-    "empty batch": (dict(pred=(0, 8, 8, 8, 1)), "at least one sample"),
-    "negative smooth": (dict(smooth=-1.0), "smooth"),
-    "nan smooth": (dict(smooth=float("nan")), "smooth"),
-    "start_channel too large": (dict(start_channel=1), "start_channel"),
-    "skeleton shape": (dict(skeleton=np.zeros((1, 8, 8, 8, 2))),
-                       "pred and skeleton must have the same shape"),
-    "skeleton of strings": (dict(skeleton=[["a"]]), "skeleton must hold"),
-}
+BAD_INPUTS = {**loss_inputs.BAD_INPUTS, **loss_inputs.BAD_SKELETONS}
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
