@@ -166,10 +166,11 @@ def sliding_window(fn: Callable[[jax.Array], jax.Array], volume, *,
     batches = tqdm.tqdm(batches, desc="windows", unit="batch")
   for first in batches:
     part = slice(first, first + batch_size)
-    batch = _cut(volume, jnp.asarray(cases[part]), jnp.asarray(corners[part]),
-                 patch)
-    total = _add(total, fn(batch), weights, jnp.asarray(cases[part]),
-                 jnp.asarray(corners[part]), jnp.asarray(used[part]))
+    batch_cases = jnp.asarray(cases[part])
+    batch_corners = jnp.asarray(corners[part])
+    batch = _cut(volume, batch_cases, batch_corners, patch)
+    total = _add(total, fn(batch), weights, batch_cases, batch_corners,
+                 jnp.asarray(used[part]))
   coverage = _coverage(weights, jnp.asarray(starts), padded)
   return _blend(total, coverage, before, tuple(spatial))
 
