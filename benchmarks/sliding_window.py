@@ -121,7 +121,7 @@ def _time_alternating(runs, repeats):
 
 
 def _windows(size, patch):
-  from topojax.predict import windows
+  from topojax import windows
   return len(windows.window_starts((size,) * 3, (patch,) * 3, (0.5,) * 3))
 
 

@@ -124,7 +124,7 @@ def test_cli_prepare(synth_task, cache_dir, capsys):
   assert cli.main(argv) == 0
   assert "cache hit" in capsys.readouterr().out
   assert cli.main(argv[:2]) == 2
-  assert "--shape is required" in capsys.readouterr().err
+  assert "--shape or --spacing is required" in capsys.readouterr().err
 
 
 def _truncate(entry):
@@ -202,3 +202,85 @@ def test_a_full_disk_fails_before_preprocessing(synth_task, cache_dir,
   assert raised.value.errno == errno.ENOSPC
   assert str(cache_dir) in str(raised.value)
   assert entries(cache_dir) == []
+
+
+# Cases of their own shapes (nnU-Net's protocol), the sheared affine's
+# voxels: 0.8 × 1.204 × 3.0 mm (its shear lengthens Y's column).
+_OWN_SHAPES = [(10, 11, 7), (12, 5, 3), (4, 8, 6)]
+
+
+@pytest.fixture
+def ragged_task(tmp_path):
+  return write_task(tmp_path / "Task01_Ragged",
+                    {f"case_{i}": ramp_case(shape, seed=i)
+                     for i, shape in enumerate(_OWN_SHAPES)},
+                    modality=("FLAIR", "T1w"),
+                    labels=("background", "edema", "tumour"))
+
+
+@pytest.mark.parametrize("spacing, grids", [
+    (None, _OWN_SHAPES),
+    # X: 0.8 / 1.6; Y: 1.204 / 0.6; Z: 3.0 / 1.0; rounded.
+    ((1.6, 0.6, 1.0), [(5, 22, 21), (6, 10, 9), (2, 16, 18)]),
+])
+def test_cases_of_their_own_shapes_are_cached_each_in_its_grid(
+    ragged_task, cache_dir, monkeypatch, spacing, grids):
+  config = data.PreprocessConfig(shape=None, spacing=spacing,
+                                 label_mode="onehot")
+  cold = data.load_dataset(ragged_task, config, cache_dir=cache_dir,
+                           progress=False)
+  assert isinstance(cold.images, data.CaseArrays)
+  assert cold.case_shapes == tuple(grids)
+  assert (cold.in_channels, cold.out_channels) == (2, 3)
+  task = data.read_task(ragged_task)
+  for i, grid in enumerate(grids):
+    image, label, meta = data.load_case(task, f"case_{i}")
+    want_image, want_label = data.preprocess(
+        image, label, config, num_labels=3, spacing=meta.spacing)
+    assert cold.images[i].shape == (*grid, 2)
+    np.testing.assert_array_equal(cold.images[i], want_image)
+    np.testing.assert_array_equal(cold.labels[i], want_label)
+  assert cold.images[-1].shape == (*grids[-1], 2)
+  with pytest.raises(IndexError):
+    cold.labels[len(grids)]
+
+  monkeypatch.setattr(nifti, "_decode", mock.Mock(
+      side_effect=AssertionError("a cache hit decoded NIfTI")))
+  warm = data.load_dataset(ragged_task, config, cache_dir=cache_dir,
+                           progress=False)
+  assert warm.from_cache and warm.case_shapes == cold.case_shapes
+  for i in range(len(grids)):
+    np.testing.assert_array_equal(warm.labels[i], cold.labels[i])
+
+
+def test_a_damaged_entry_of_own_shapes_is_rebuilt(ragged_task, cache_dir,
+                                                  capsys):
+  config = data.PreprocessConfig(shape=None, spacing=(1.6, 0.6, 1.0))
+  first = data.load_dataset(ragged_task, config, cache_dir=cache_dir,
+                            progress=False)
+  labels = [np.array(label) for label in first.labels]
+  del first
+  (entry,) = entries(cache_dir)
+  _flip_a_byte(entry)
+  healed = data.load_dataset(ragged_task, config, cache_dir=cache_dir,
+                             progress=False)
+  assert "fails its checksum" in capsys.readouterr().err
+  assert not healed.from_cache
+  for label, want in zip(healed.labels, labels):
+    np.testing.assert_array_equal(label, want)
+  # Another spacing, or none, is another entry.
+  data.load_dataset(ragged_task, data.PreprocessConfig(shape=None),
+                    cache_dir=cache_dir, progress=False)
+  assert len(entries(cache_dir)) == 2
+
+
+def test_cli_prepare_at_a_spacing(ragged_task, cache_dir, capsys):
+  argv = ["prepare", str(ragged_task), "--cache-dir", str(cache_dir)]
+  assert cli.main([*argv, "--spacing", "1.6", "0.6", "1.0"]) == 0
+  assert ("3 cases -> images of 2 channel(s) from (2, 10, 9) to (6, 22, 21) "
+          "voxels, labels of 1") in capsys.readouterr().out
+  assert cli.main([*argv, "--shape", "none"]) == 0
+  assert "from (4, 5, 3) to (12, 11, 7) voxels" in capsys.readouterr().out
+  assert cli.main([*argv, "--shape", "8", "8", "8", "--spacing", "1", "1",
+                   "1"]) == 2
+  assert "both set the grid" in capsys.readouterr().err

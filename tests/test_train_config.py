@@ -71,3 +71,42 @@ def test_configs_with_the_older_loss_name_still_load(tmp_path):
   config = train.load_config(path)
   assert train.resolve_loss(config.phase2.loss,
                             normalize=config.normalize) == "ppl_norm"
+
+
+# nnU-Net's protocol: patches of cases in their own shapes.
+PATCHES = {**CONFIG.to_json(), "shape": None, "patch_size": [16, 16, 8],
+           "spacing": [1.0, 1.0, 2.5]}
+
+
+def test_a_patch_config_round_trips_with_a_null_shape(tmp_path):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(PATCHES))
+  config = train.load_config(path)
+  assert config.shape is None and config.patch_size == (16, 16, 8)
+  assert config.spacing == (1.0, 1.0, 2.5)
+  assert config.preprocess_config().spacing == (1.0, 1.0, 2.5)
+  assert config.foreground_fraction == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"patch_size": None}, "shape may be null only with a patch_size"),
+    ({"patch_size": [16, 16, 9]}, "patch_size: .*multiple of 2"),
+    ({"patch_size": [16, 16]}, "patch_size"),
+    ({"patch_size": [16, 0, 8]}, "patch_size"),
+    ({"shape": [16, 16, 16], "spacing": None, "patch_size": [32, 16, 16]},
+     r"patch_size \(32, 16, 16\) is larger than the shape"),
+    ({"spacing": [1.0, 0.0, 2.5]}, "spacing must be three positive"),
+    ({"spacing": [1.0, -1.0, 2.5]}, "spacing must be three positive"),
+    ({"spacing": [1.0, 1.0]}, "spacing must be three positive"),
+    ({"shape": [16, 16, 16]}, "shape .* and spacing .* both set the grid"),
+    ({"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
+    ({"overlap": -0.1}, r"overlap must be in \[0, 1\)"),
+    ({"foreground_fraction": 1.5}, r"foreground_fraction must be in"),
+    ({"patches_per_case": 0}, "patches_per_case must be a positive int"),
+    ({"kernel_sizes": [2, 12]}, "fit in every projected plane"),
+])
+def test_bad_patch_settings_name_themselves(tmp_path, change, match):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({**PATCHES, **change}))
+  with pytest.raises(ValueError, match=match):
+    train.load_config(path)

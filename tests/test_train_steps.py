@@ -63,3 +63,20 @@ def test_a_prepared_target_reaches_the_loss_as_its_skeleton():
       loss(logits, targets),
       losses.skeleton_recall_loss(probs, labels, skeleton=tubes)
       + 0.5 * losses.dice_loss(logits, labels), rtol=1e-5)
+
+
+def test_training_targets_of_cases_of_their_own_shapes():
+  # Each case's tubes from its whole label; cases no step reads stay zero.
+  labels = []
+  for shape in [(12, 10, 8), (6, 14, 9), (9, 9, 9)]:
+    label = np.zeros((*shape, 1), np.float32)
+    label[2:-2, 3:-3, 1:-1] = 1
+    labels.append(label)
+  targets = train.steps.training_targets("skeleton_recall", labels, [2, 0])
+  assert isinstance(targets, list) and len(targets) == 3
+  for row in (0, 2):
+    np.testing.assert_array_equal(targets[row], np.concatenate(
+        [labels[row], losses.tubed_skeleton(labels[row][None])[0]], -1))
+  np.testing.assert_array_equal(targets[1][..., :1], labels[1])
+  assert not targets[1][..., 1:].any()
+  assert train.steps.training_targets("ppl", labels, [0]) is labels

@@ -1,9 +1,13 @@
-"""Tests for topojax/train/validation.py: the validation Dice and PPL."""
+"""Tests for topojax/train/validation.py: the validation Dice and PPL, of
+whole volumes and by sliding windows."""
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from topojax import train
+from topojax.train import steps
+from topojax.train import validation
 
 
 def test_validate_averages_over_cases_and_leaves_padding_out():
@@ -22,3 +26,32 @@ def test_validate_averages_over_cases_and_leaves_padding_out():
   assert scores["val_dice"] == 1.0
   np.testing.assert_allclose(scores["val_topo"],
                              images[[0, 2, 4]].mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("out_channels", [1, 3])
+def test_one_window_per_case_validates_as_the_whole_volume_step(
+    out_channels):
+  # A patch as large as the volume: one window, whose Gaussian weight
+  # divides out, so the sliding window must give the whole-volume numbers.
+  config = train.TrainConfig(shape=(8, 8, 8), patch_size=(8, 8, 8),
+                             base_channels=2, depth=2, batch_size=2,
+                             kernel_sizes=(2, 4))
+  mesh = train.data_mesh()
+  model_def, state = train.init_state(config, in_channels=1,
+                                      out_channels=out_channels,
+                                      learning_rate=1e-3, mesh=mesh)
+  rng = np.random.default_rng(0)
+  images = rng.random((3, 8, 8, 8, 1)).astype(np.float32)
+  classes = rng.integers(0, out_channels + 1, (3, 8, 8, 8))
+  labels = (classes[..., None] == np.arange(max(out_channels, 2))[
+      -out_channels:]).astype(np.float32)
+  whole = train.validate(
+      train.make_eval_step(model_def, mesh, kernel_sizes=(2, 4)),
+      state["model"], images, labels, [2, 0], batch_size=2, mesh=mesh)
+  windows = validation.validate_by_windows(
+      steps.make_window_forward(model_def), state["model"], images, labels,
+      [2, 0], config=config)
+  np.testing.assert_allclose(windows["val_topo"], whole["val_topo"],
+                             rtol=1e-5)
+  # A voxel within float32 rounding of the threshold may fall either way.
+  assert abs(windows["val_dice"] - whole["val_dice"]) < 1e-2

@@ -37,8 +37,8 @@ _PUBLIC = {
     "topojax.train": (
         "PhaseConfig", "PhaseResult", "TrainConfig", "load_config",
         "train_phase"),
-    "topojax.predict": ("Segmenter", "predict_images", "predict_run",
-                        "sliding_window"),
+    "topojax.predict": ("Segmenter", "predict_images", "predict_run"),
+    "topojax.windows": ("sliding_window",),
     "topojax.postprocess": ("keep_largest_components",),
     "topojax.evaluate": (
         "evaluate_cases", "evaluate_runs", "markdown_table", "write_report"),

@@ -102,9 +102,15 @@ def _add_prepare_arguments(subparsers) -> None:
       "prepare", help="preprocess an MSD task into the cache and report the "
       "loading speed")
   prepare.add_argument("task_dir", help="MSD task folder with dataset.json")
-  prepare.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                       help="resize target; defaults to the paper's shape for "
+  prepare.add_argument("--shape", nargs="+", type=_shape_value,
+                       metavar="X Y Z|none",
+                       help="resize target, or 'none' to keep each case's "
+                       "own shape; defaults to the paper's shape for "
                        "Task09_Spleen, Task02_Heart and Task04_Hippocampus")
+  prepare.add_argument("--spacing", type=float, nargs=3,
+                       metavar=("X", "Y", "Z"),
+                       help="resample every case to this voxel size in mm, "
+                       "each in its own shape (nnU-Net's protocol)")
   prepare.add_argument("--modalities", nargs="+",
                        help="modality names or indices to keep (default all)")
   prepare.add_argument("--label-mode", choices=("binary", "onehot"),
@@ -122,17 +128,19 @@ def _prepare(args: argparse.Namespace) -> int:
 
   from topojax import data
 
-  shape = args.shape
-  if shape is None:
+  shape = _shape_option(args.shape, "--shape")
+  if args.shape is None and args.spacing is None:
     protocol = data.PAPER_TASKS.get(pathlib.Path(args.task_dir).resolve().name)
     if protocol is None:
-      raise ValueError(f"--shape is required for {args.task_dir}: it is not "
-                       f"one of the paper's tasks {sorted(data.PAPER_TASKS)}")
+      raise ValueError(f"--shape or --spacing is required for "
+                       f"{args.task_dir}: it is not one of the paper's tasks "
+                       f"{sorted(data.PAPER_TASKS)}")
     shape = protocol.shape
   modalities = None if args.modalities is None else tuple(
       int(m) if m.isdigit() else m for m in args.modalities)
   config = data.PreprocessConfig(shape=shape, modalities=modalities,
-                                 label_mode=args.label_mode)
+                                 label_mode=args.label_mode,
+                                 spacing=args.spacing)
   start = time.perf_counter()
   dataset = data.load_dataset(args.task_dir, config, cache_dir=args.cache_dir)
   # Opening memory maps costs nothing; the timing includes one read of every
@@ -141,8 +149,17 @@ def _prepare(args: argparse.Namespace) -> int:
     np.array(dataset.images[i]), np.array(dataset.labels[i])
   seconds = time.perf_counter() - start
   source = "cache hit" if dataset.from_cache else "decoded NIfTI"
-  print(f"{len(dataset.case_ids)} cases -> images {dataset.images.shape}, "
-        f"labels {dataset.labels.shape}, loaded and read in {seconds:.2f} s "
+  if config.shape is None:
+    sides = np.array(dataset.case_shapes)
+    shapes = (f"images of {dataset.in_channels} channel(s) from "
+              f"{tuple(sides.min(0).tolist())} to "
+              f"{tuple(sides.max(0).tolist())} voxels, labels of "
+              f"{dataset.out_channels}")
+  else:
+    shapes = (f"images {dataset.images.shape}, labels "
+              f"{dataset.labels.shape}")
+  print(f"{len(dataset.case_ids)} cases -> {shapes}, "
+        f"loaded and read in {seconds:.2f} s "
         f"({len(dataset.case_ids) / seconds:.2f} cases/s, {source}); "
         f"cache: {dataset.cache_path}")
   return 0
@@ -229,6 +246,27 @@ class _LossNames:
     return iter(self._names())
 
 
+def _shape_value(text: str) -> int | None:
+  """One word of ``--shape``: a positive int, or ``none``."""
+  if text.lower() == "none":
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected three ints X Y Z or 'none', got {text!r}") from None
+
+
+def _shape_option(values, flag: str):
+  """``--shape``'s words as a shape, ``None`` for 'none' (or no flag)."""
+  if values is None or values == [None]:
+    return None
+  if len(values) != 3 or None in values:
+    raise ValueError(f"{flag} takes three ints X Y Z or 'none', got "
+                     f"{' '.join('none' if v is None else str(v) for v in values)}")
+  return tuple(values)
+
+
 def _add_train_arguments(subparsers) -> None:
   """The ``train`` subcommand: the two training phases of one run."""
   train = subparsers.add_parser(
@@ -268,6 +306,23 @@ def _add_train_arguments(subparsers) -> None:
                      "and start again")
   train.add_argument("--cache-dir", default=None,
                      help="preprocessing cache (default ~/.cache/topojax)")
+  patches = train.add_argument_group(
+      "patches", "override the config's protocol: train on patches of the "
+      "cases and validate by sliding windows, as nnU-Net does")
+  patches.add_argument("--patch-size", type=int, nargs=3,
+                       metavar=("X", "Y", "Z"),
+                       help="training patch and prediction window, voxels")
+  patches.add_argument("--shape", nargs="+", type=_shape_value,
+                       metavar="X Y Z|none",
+                       help="resize every case to this shape, or 'none' to "
+                       "keep each case's own")
+  patches.add_argument("--spacing", type=float, nargs=3,
+                       metavar=("X", "Y", "Z"),
+                       help="resample every case to this voxel size in mm "
+                       "(with --shape none)")
+  patches.add_argument("--foreground-fraction", type=float, metavar="F",
+                       help="share of each batch of patches centred on "
+                       "foreground (default 1/3)")
   _add_cluster_arguments(train)
   train.set_defaults(run=_train)
 
@@ -299,8 +354,20 @@ def _train(args: argparse.Namespace) -> int:
   from topojax import train
 
   config = train.load_config(args.config)
-  if args.seed is not None:
-    config = dataclasses.replace(config, seed=args.seed)
+  overrides = {
+      name: value for name, value in (
+          ("seed", args.seed), ("patch_size", args.patch_size),
+          ("spacing", args.spacing),
+          ("foreground_fraction", args.foreground_fraction))
+      if value is not None}
+  if args.shape is not None:
+    overrides["shape"] = _shape_option(args.shape, "--shape")
+  if overrides:
+    try:
+      config = dataclasses.replace(config, **overrides)
+    except ValueError as err:
+      raise ValueError(f"--config {args.config} with the flags given: {err}"
+                       ) from None
   phases = {"1": (1,), "2": (2,), "both": (1, 2)}[args.phase]
   try:
     results = train.train(config, args.data, args.out, phases=phases,

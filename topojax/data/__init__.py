@@ -8,9 +8,9 @@ One module per concern, each importing only those above it:
   (``read_task -> Task``, ``Case``, ``TaskProtocol``, ``PAPER_TASKS``);
 * :mod:`~topojax.data.nifti`: one case decoded from NIfTI in its original
   space (``load_case``, ``CaseMeta``);
-* :mod:`~topojax.data.preprocessing`: the paper's resizing and min-max
-  normalisation (``PreprocessConfig``, ``resize``, ``preprocess``,
-  ``preprocess_image``);
+* :mod:`~topojax.data.preprocessing`: the paper's resizing (or nnU-Net's
+  resampling to a spacing) and min-max normalisation (``PreprocessConfig``,
+  ``resize``, ``preprocess``, ``preprocess_image``);
 * :mod:`~topojax.data.cache`: every case preprocessed once and memory-mapped
   from disk (``load_dataset -> Dataset``);
 * :mod:`~topojax.data.splits`: participant-level splits (``Split``,
@@ -31,7 +31,10 @@ Arrays are channels-last float32:
 
 Public API:
 
-* ``PreprocessConfig(*, shape, modalities=None, label_mode="binary")``.
+* ``PreprocessConfig(*, shape, modalities=None, label_mode="binary",
+  spacing=None)``; ``case_grid(config, shape, spacing)``, the grid a case
+  is resampled to, and ``image_order(config)``, the spline order of its
+  image.
 * ``PAPER_TASKS``: the paper's shape and split counts per MSD task folder name.
 * ``read_task(task_dir) -> Task``: parses and checks ``dataset.json``.
 * ``load_case(task, case, *, modalities=None) -> (image, label, CaseMeta)``:
@@ -41,7 +44,8 @@ Public API:
 * ``preprocess(image, label, config, *, num_labels) -> (image, label)``, and
   ``preprocess_image(image, shape) -> image`` for an image without a label.
 * ``load_dataset(task_dir, config, *, cache_dir=None, progress=True)
-  -> Dataset``: every case preprocessed, from the cache when it is valid.
+  -> Dataset``: every case preprocessed, from the cache when it is valid;
+  cases of different shapes (``shape=None``) as ``CaseArrays``.
 * ``make_split(case_ids, *, num_val, num_test, seed) -> Split`` and
   ``default_split(task, *, seed) -> Split``; ``Split.save(path)`` and
   ``Split.load(path)`` keep it next to a run.
@@ -59,6 +63,7 @@ replaces one of them must patch the module that calls it (e.g.
 """
 
 from topojax.data.batches import iterate_batches
+from topojax.data.cache import CaseArrays
 from topojax.data.cache import Dataset
 from topojax.data.cache import load_dataset
 from topojax.data.msd import PAPER_TASKS
@@ -71,8 +76,12 @@ from topojax.data.nifti import CaseMeta
 from topojax.data.nifti import _decode
 from topojax.data.nifti import _open_nifti
 from topojax.data.nifti import load_case
+from topojax.data.patches import foreground_voxels
+from topojax.data.patches import iterate_patches
 from topojax.data.preprocessing import LABEL_MODES
 from topojax.data.preprocessing import PreprocessConfig
+from topojax.data.preprocessing import case_grid
+from topojax.data.preprocessing import image_order
 from topojax.data.preprocessing import preprocess
 from topojax.data.preprocessing import preprocess_image
 from topojax.data.preprocessing import resize
@@ -83,9 +92,9 @@ from topojax.data.writer import as_label_map
 from topojax.data.writer import write_prediction
 
 __all__ = (
-    "LABEL_MODES", "PAPER_TASKS", "Case", "CaseMeta", "Dataset",
+    "LABEL_MODES", "PAPER_TASKS", "Case", "CaseArrays", "CaseMeta", "Dataset",
     "PreprocessConfig", "Split", "Task", "TaskProtocol", "as_label_map",
-    "default_split", "iterate_batches", "load_case", "load_dataset",
+    "case_grid", "default_split", "foreground_voxels", "image_order", "iterate_patches", "iterate_batches", "load_case", "load_dataset",
     "make_split", "preprocess", "preprocess_image", "read_task", "resize",
     "write_prediction",
 )

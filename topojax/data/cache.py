@@ -10,6 +10,11 @@ the first run ever decodes NIfTI; later runs map the cached arrays. Its
 * labels ``(num_cases, X, Y, Z, C_out)`` in {0, 1}: ``C_out = 1`` for
   ``label_mode="binary"`` and ``K`` for ``label_mode="onehot"``.
 
+Without a fixed ``shape`` (nnU-Net's protocol: each case at a target spacing
+or on its own grid), cases differ in shape: each array file is then one flat
+run of every case's voxels, and ``images[i]`` (a ``CaseArrays``) is case
+``i``'s ``(X_i, Y_i, Z_i, C)`` view of it, still memory-mapped.
+
 An entry heals: ``meta.json`` records each array file's size, dtype, shape
 and CRC-32, checked whenever the entry is opened; an entry that disagrees (a
 file cut short by a full disk, a flipped bit, a lost file) is rebuilt, with
@@ -43,6 +48,7 @@ from topojax.data.nifti import CaseMeta
 from topojax.data.nifti import _open_case
 from topojax.data.nifti import load_case
 from topojax.data.preprocessing import PreprocessConfig
+from topojax.data.preprocessing import case_grid
 from topojax.data.preprocessing import preprocess
 
 # Bump when preprocessing changes what it writes, so old cache entries are
@@ -50,6 +56,35 @@ from topojax.data.preprocessing import preprocess
 _CACHE_FORMAT = 2
 _ARRAY_FILES = ("images.npy", "labels.npy")
 _CHUNK_BYTES = 1 << 24
+
+
+class CaseArrays(Sequence):
+  """Cases of different shapes, read-only views of one flat memory map.
+
+  ``arrays[i]`` is case ``i``'s ``(X_i, Y_i, Z_i, C)`` array; nothing is read
+  from disk until its voxels are.
+  """
+
+  def __init__(self, flat: np.ndarray, shapes: Sequence[Sequence[int]]):
+    self._flat = flat
+    self.shapes = tuple(tuple(int(s) for s in shape) for shape in shapes)
+    sizes = [int(np.prod(shape)) for shape in self.shapes]
+    self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if self._offsets[-1] != flat.size:
+      raise ValueError(f"case shapes {self.shapes} hold {self._offsets[-1]} "
+                       f"values, the array {flat.size}")
+
+  def __len__(self) -> int:
+    return len(self.shapes)
+
+  def __getitem__(self, row) -> np.ndarray:
+    row = range(len(self))[row]  # Negative rows and range checks.
+    first, last = self._offsets[row], self._offsets[row + 1]
+    return self._flat[first:last].reshape(self.shapes[row])
+
+  @property
+  def channels(self) -> int:
+    return self.shapes[0][-1]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,8 +96,9 @@ class Dataset:
     config: the preprocessing applied.
     case_ids: case names; row ``i`` of ``images`` and ``labels`` is
       ``case_ids[i]``.
-    images: ``(num_cases, X, Y, Z, C_in)`` float32 in [0, 1].
-    labels: ``(num_cases, X, Y, Z, C_out)`` float32 in {0, 1}.
+    images: ``(num_cases, X, Y, Z, C_in)`` float32 in [0, 1]; with
+      ``config.shape=None``, ``CaseArrays`` of ``(X_i, Y_i, Z_i, C_in)``.
+    labels: ``(num_cases, X, Y, Z, C_out)`` float32 in {0, 1}; likewise.
     meta: per-case original shape, affine, spacing and paths.
     cache_path: the cache entry folder the arrays live in.
     from_cache: whether the entry existed already (no NIfTI was decoded).
@@ -70,11 +106,26 @@ class Dataset:
   task: Task
   config: PreprocessConfig
   case_ids: tuple[str, ...]
-  images: np.ndarray
-  labels: np.ndarray
+  images: np.ndarray | CaseArrays
+  labels: np.ndarray | CaseArrays
   meta: tuple[CaseMeta, ...]
   cache_path: pathlib.Path
   from_cache: bool
+
+  @property
+  def in_channels(self) -> int:
+    return self.images[0].shape[-1]
+
+  @property
+  def out_channels(self) -> int:
+    return self.labels[0].shape[-1]
+
+  @property
+  def case_shapes(self) -> tuple[tuple[int, int, int], ...]:
+    """Spatial ``(X, Y, Z)`` of every case, in rows."""
+    if isinstance(self.images, CaseArrays):
+      return tuple(shape[:3] for shape in self.images.shapes)
+    return (tuple(self.images.shape[1:4]),) * len(self.case_ids)
 
   @property
   def modality_indices(self) -> tuple[int, ...]:
@@ -107,6 +158,9 @@ def _cache_key(task: Task, config: PreprocessConfig,
   settings = {
       "format": _CACHE_FORMAT,
       "shape": config.shape,
+      # Only when set, so that the keys of fixed-shape entries stay as they
+      # were before there was a spacing.
+      **({"spacing": config.spacing} if config.spacing is not None else {}),
       "channels": channels,
       "label_mode": config.label_mode,
       "label_names": task.label_names,
@@ -171,10 +225,14 @@ def _discard(entry: pathlib.Path) -> None:
 def _open_entry(task: Task, config: PreprocessConfig, entry: pathlib.Path,
                 from_cache: bool) -> Dataset:
   meta = json.loads((entry / "meta.json").read_text())
+  images = np.load(entry / "images.npy", mmap_mode="r")
+  labels = np.load(entry / "labels.npy", mmap_mode="r")
+  if "case_shapes" in meta:
+    images = CaseArrays(images, meta["case_shapes"]["images"])
+    labels = CaseArrays(labels, meta["case_shapes"]["labels"])
   return Dataset(
       task=task, config=config, case_ids=tuple(meta["case_ids"]),
-      images=np.load(entry / "images.npy", mmap_mode="r"),
-      labels=np.load(entry / "labels.npy", mmap_mode="r"),
+      images=images, labels=labels,
       meta=tuple(CaseMeta.from_json(m) for m in meta["cases"]),
       cache_path=entry, from_cache=from_cache)
 
@@ -266,28 +324,41 @@ def _write_entry(task: Task, config: PreprocessConfig,
   """
   num_labels = len(task.label_names)
   out_channels = 1 if config.label_mode == "binary" else num_labels
-  images = np.lib.format.open_memmap(
-      tmp / "images.npy", mode="w+", dtype=np.float32,
-      shape=(len(task.cases), *config.shape, len(channels)))
-  labels = np.lib.format.open_memmap(
-      tmp / "labels.npy", mode="w+", dtype=np.float32,
-      shape=(len(task.cases), *config.shape, out_channels))
-  for name in _ARRAY_FILES:
-    _reserve(tmp / name)
+  # Every case's grid from its header, so the files are sized (and their
+  # space reserved) before the first voxel is decoded.
+  grids = []
+  for case in task.cases:
+    header = _open_case(task, case)[0].header
+    grids.append(case_grid(config, header.get_data_shape()[:3],
+                           header.get_zooms()[:3]))
+  fixed = config.shape is not None
+  shapes = {"images": [(*g, len(channels)) for g in grids],
+            "labels": [(*g, out_channels) for g in grids]}
+  arrays = {}
+  for name, case_shapes in shapes.items():
+    size = (len(task.cases), *case_shapes[0]) if fixed else (
+        sum(int(np.prod(s)) for s in case_shapes),)
+    arrays[name] = np.lib.format.open_memmap(
+        tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=size)
+    _reserve(tmp / f"{name}.npy")
+  views = {name: array if fixed else CaseArrays(array, shapes[name])
+           for name, array in arrays.items()}
   metas = []
   for i, case in enumerate(tqdm.tqdm(task.cases, desc=f"preprocessing "
                                      f"{task.root.name}", unit="case",
                                      disable=not progress)):
     image, label, meta = load_case(task, case, modalities=channels)
-    images[i], labels[i] = preprocess(image, label, config,
-                                      num_labels=num_labels)
+    image, label = preprocess(image, label, config, num_labels=num_labels,
+                              spacing=meta.spacing)
+    views["images"][i][...], views["labels"][i][...] = image, label
     metas.append(meta.to_json())
-  images.flush()
-  labels.flush()
-  del images, labels
+  for array in arrays.values():
+    array.flush()
+  del arrays, views
   (tmp / "meta.json").write_text(json.dumps(
       {"task": str(task.root), "config": dataclasses.asdict(config),
        "case_ids": [case.case_id for case in task.cases], "cases": metas,
+       **({} if fixed else {"case_shapes": shapes}),
        "files": {name: _describe(tmp / name) for name in _ARRAY_FILES}}))
 
 

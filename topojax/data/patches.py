@@ -2,7 +2,8 @@
 
 A network trained at the data's own resolution sees random crops of
 ``patch_size`` voxels, not whole volumes (Isensee et al., nnU-Net, Nature
-Methods 2021): each epoch takes one patch of every training case, in a
+Methods 2021): each epoch takes a patch of every training case it is given
+(``topojax.train`` gives each case ``patches_per_case`` times), in a
 shuffled order; in each batch the last ``round(batch_size ·
 foreground_fraction)`` patches are centred on a random foreground voxel of
 their case (so that rare structures are seen), the others lie anywhere. A

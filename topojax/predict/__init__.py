@@ -1,7 +1,7 @@
 """Predictions of a trained run, as arrays or NIfTI files in image space.
 
-One model and one preprocessing, the training one (each channel resized
-linearly to the run's shape and min-max normalised,
+One model and one preprocessing, the training one (each channel resampled
+to the run's grid and min-max normalised,
 ``topojax.data.preprocess_image``), three ways in:
 
 * ``Segmenter.from_run(run_dir)``: the run's best model in Python; called on
@@ -15,11 +15,16 @@ linearly to the run's shape and min-max normalised,
   ``<case_id>.nii.gz`` as ``topojax evaluate`` expects (``topojax predict
   --data``).
 
-Every image is segmented whole-volume at the training shape, the paper's
-fixed-shape protocol (§3.1), one image at a time: the forward pass compiles
-once, and memory does not grow with the number of images. The label map
+A run trained on whole volumes segments every image whole at its training
+shape, the paper's fixed-shape protocol (§3.1), and its label map
 (optionally only the largest connected components of each class) is resized
-back by nearest neighbour and written with ``topojax.data.write_prediction``.
+back by nearest neighbour. A run trained on patches segments every image on
+its own grid (at the run's target spacing, if any) by sliding windows
+(``topojax.sliding_window``), and its probabilities are resampled back to the
+image's grid before they become labels, as nnU-Net exports them. One image
+at a time, either way: the forward pass compiles once, and memory does not
+grow with the number of images. Masks are written with
+``topojax.data.write_prediction``.
 
 A phase folder's ``model.json`` (written by ``topojax.train``) names the
 network's input channels (the modalities, in training order), the task's
@@ -36,9 +41,6 @@ One module per step, each readable top to bottom:
 * :mod:`~topojax.predict.images`: ``predict_images``, finding the files and
   checking the outputs before any work;
 * :mod:`~topojax.predict.cases`: ``predict_run``, a run's test cases;
-* :mod:`~topojax.predict.windows`: ``sliding_window``, a volume larger than
-  the network's patch predicted window by window and blended, as MONAI's
-  ``sliding_window_inference`` does it.
 """
 
 from topojax.predict.cases import predict_run
@@ -49,8 +51,7 @@ from topojax.predict.runs import restore_best
 from topojax.predict.segmenter import NIFTI_SUFFIXES
 from topojax.predict.segmenter import Segmenter
 from topojax.predict.segmenter import segment
-from topojax.predict.windows import sliding_window
 
 __all__ = (
     "MODEL_FILE", "NIFTI_SUFFIXES", "Segmenter", "phase_dir", "predict_images",
-    "predict_run", "restore_best", "segment", "sliding_window")
+    "predict_run", "restore_best", "segment")

@@ -57,7 +57,7 @@ def predict_run(run_dir: str | os.PathLike, task_dir: str | os.PathLike,
                               cache_dir=cache_dir, progress=False)
   rows = dataset.indices(case_ids)
   segmenter = segmenter_lib.Segmenter.from_run(phase)
-  channels = (dataset.images.shape[-1], dataset.labels.shape[-1])
+  channels = (dataset.in_channels, dataset.out_channels)
   if channels != (segmenter.in_channels, segmenter.out_channels):
     raise ValueError(
         f"--data {task_dir} gives {channels[0]} input and {channels[1]} "
@@ -67,8 +67,9 @@ def predict_run(run_dir: str | os.PathLike, task_dir: str | os.PathLike,
   for path, row in zip(paths, rows):
     # One case at a time, like any other image: one compiled forward pass.
     probabilities = segmenter.forward(dataset.images[row][None])[0]
-    data.write_prediction(
-        segmenter_lib._label_map(probabilities, keep_largest),
-        dataset.meta[row], path, overwrite=overwrite)
+    mask, _ = segmenter_lib._in_image_grid(
+        config, probabilities, dataset.meta[row].original_shape,
+        keep_largest)
+    data.write_prediction(mask, dataset.meta[row], path, overwrite=overwrite)
   return paths
 

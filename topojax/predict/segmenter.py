@@ -4,10 +4,18 @@
 or NIfTI file) of any shape and giving the mask in that image's own voxel
 grid; ``segment`` is the same forward pass on a batch of preprocessed cases,
 for a model restored by ``runs.restore_best``.
+
+Two ways back to the image's grid, one per training protocol. A run trained
+on whole volumes (the paper's) predicts at its ``shape`` and its label map
+is resized back by nearest neighbour. A run trained on patches (nnU-Net's)
+predicts the image on its preprocessing grid (own voxels, target spacing or
+``shape``) by sliding windows, and, as nnU-Net exports, its probabilities
+are resampled back linearly before they become labels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import os
@@ -20,8 +28,10 @@ import numpy as np
 from topojax import data
 from topojax import postprocess
 from topojax import train
-from topojax import unet
+from topojax import windows
+from topojax.data.preprocessing import checked_spacing
 from topojax.predict import runs
+from topojax.train import steps as train_steps
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -39,25 +49,12 @@ def segment(model_def, model_state, images: np.ndarray, *,
   Returns:
     One float32 ``(X, Y, Z, C_out)`` probability volume per case.
   """
-  forward = _forward(model_def)
+  forward = train_steps.make_window_forward(model_def)
   out = []
   for start in range(0, len(images), batch_size):
     batch = np.asarray(images[start:start + batch_size], np.float32)
     out.extend(np.asarray(forward(model_state, batch)))
   return out
-
-
-@functools.lru_cache(maxsize=8)
-def _forward(model_def):
-  from flax import nnx
-
-  @jax.jit
-  def forward(model_state, images):
-    model = nnx.merge(model_def, model_state)
-    model.eval()
-    return unet.probabilities(model(images))
-
-  return forward
 
 
 def _check_keep_largest(keep_largest: int | None) -> None:
@@ -96,6 +93,30 @@ def _resized(probabilities: np.ndarray, shape) -> np.ndarray:
                    for c in range(probabilities.shape[-1])], axis=-1)
 
 
+def _in_image_grid(config: train.TrainConfig, probabilities: np.ndarray,
+                   shape, keep_largest: int | None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+  """``(mask, probabilities)`` in the image's ``(X, Y, Z)`` grid ``shape``.
+
+  A whole-volume run's label map is resized back by nearest neighbour (the
+  probabilities, ``None`` here, only when asked for); a patch run's
+  probabilities are resampled back linearly, then made labels.
+  """
+  shape = tuple(shape)
+  if config.patch_size is None:
+    mask = data.resize(_label_map(probabilities, keep_largest), shape,
+                       order=0)
+    return mask, None
+  if probabilities.shape[:3] != shape:
+    probabilities = _resized(probabilities, shape)
+  return _label_map(probabilities, keep_largest), probabilities
+
+
+def _nifti_spacing(nifti) -> tuple[float, float, float]:
+  """Voxel size of an opened NIfTI image in mm, from its header."""
+  return tuple(float(z) for z in nifti.header.get_zooms()[:3])
+
+
 def _case_meta(path: pathlib.Path, shape, nifti) -> data.CaseMeta:
   """The ``data.CaseMeta`` that writes a mask in the space of ``nifti``.
 
@@ -108,7 +129,7 @@ def _case_meta(path: pathlib.Path, shape, nifti) -> data.CaseMeta:
       case_id=data._case_id(path), image_path=path, label_path=None,
       original_shape=tuple(shape),
       affine=np.asarray(nifti.affine, dtype=np.float64),
-      spacing=tuple(float(z) for z in nifti.header.get_zooms()[:3]))
+      spacing=_nifti_spacing(nifti))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,7 +146,8 @@ class Segmenter:
 
   Attributes:
     phase: the phase folder the model comes from.
-    config: the run's configuration; images are resized to ``config.shape``.
+    config: the run's configuration: how images are preprocessed, and
+      whether they are predicted whole or by sliding windows.
     model_def: the model's ``nnx.GraphDef``.
     model_state: its ``nnx.State``, on one device.
     in_channels: ``C_in``, the network's input channels.
@@ -174,25 +196,42 @@ class Segmenter:
                model_state=model_state, **io)
 
   def forward(self, images: np.ndarray) -> np.ndarray:
-    """Probabilities of preprocessed images, whole-volume.
+    """Probabilities of preprocessed images.
 
-    Compiled once per batch size.
+    Whole-volume for a run trained on whole volumes, compiled once per
+    batch size; by ``topojax.sliding_window`` for a run trained on patches
+    (windows of ``config.patch_size``, ``config.overlap``, Gaussian
+    blending, ``config.batch_size`` windows per call, compiled once), as
+    validation predicted them.
 
     Args:
-      images: ``(N, X, Y, Z, C_in)`` at ``config.shape``, as from
-        ``topojax.data.preprocess_image`` (or ``Dataset.images``).
+      images: ``(N, X, Y, Z, C_in)`` as from
+        ``topojax.data.preprocess_image`` (or ``Dataset.images``): at
+        ``config.shape`` where the run has one, else of any shape.
 
     Returns:
       ``(N, X, Y, Z, C_out)`` float32 probabilities.
     """
-    expected = (*self.config.shape, self.in_channels)
     shape = np.shape(images)
-    if len(shape) != 5 or tuple(shape[1:]) != expected:
-      raise ValueError(f"images must be (N, X, Y, Z, C_in) = (N, "
-                       f"{', '.join(map(str, expected))}) for this run, got "
-                       f"shape {shape}")
-    return np.asarray(_forward(self.model_def)(
-        self.model_state, np.asarray(images, np.float32)))
+    forward = train_steps.make_window_forward(self.model_def)
+    if self.config.shape is None:
+      if len(shape) != 5 or shape[-1] != self.in_channels or 0 in shape:
+        raise ValueError(f"images must be (N, X, Y, Z, C_in) with C_in = "
+                         f"{self.in_channels} for this run, got shape "
+                         f"{shape}")
+    else:
+      expected = (*self.config.shape, self.in_channels)
+      if len(shape) != 5 or tuple(shape[1:]) != expected:
+        raise ValueError(f"images must be (N, X, Y, Z, C_in) = (N, "
+                         f"{', '.join(map(str, expected))}) for this run, "
+                         f"got shape {shape}")
+    images = np.asarray(images, np.float32)
+    if self.config.patch_size is None:
+      return np.asarray(forward(self.model_state, images))
+    return np.asarray(windows.sliding_window(
+        functools.partial(forward, self.model_state), images,
+        patch_size=self.config.patch_size, overlap=self.config.overlap,
+        batch_size=self.config.batch_size))
 
   def _channels(self, channels: int, where) -> tuple[int, ...] | None:
     """The channels to feed of an image with ``channels``; ``None``: all."""
@@ -237,8 +276,13 @@ class Segmenter:
     image = data._decode(nifti, path, dtype=np.float32)
     return image.reshape(*image.shape[:3], -1), nifti
 
-  def _probabilities(self, image: np.ndarray, where) -> np.ndarray:
-    """``(*config.shape, C_out)`` probabilities of an image of any shape."""
+  def _probabilities(self, image: np.ndarray, where,
+                     spacing: Sequence[float] | None) -> np.ndarray:
+    """Probabilities of an image of any shape, on its preprocessing grid.
+
+    The grid is ``config.shape``, or the image's own at ``config.spacing``
+    (``data.case_grid``), or the image's own.
+    """
     if image.ndim == 3:
       image = image[..., None]
     selected = self._channels(image.shape[-1], where)
@@ -246,17 +290,28 @@ class Segmenter:
       image = image[..., list(selected)]
     if not np.isfinite(image).all():
       raise ValueError(f"{where}: the image holds NaN or infinite values")
-    prepared = data.preprocess_image(image, self.config.shape)
+    preprocessing = self.config.preprocess_config()
+    if preprocessing.spacing is not None and spacing is None:
+      raise ValueError(
+          f"spacing: the run resamples images to {preprocessing.spacing} mm; "
+          f"pass the voxel size of {where} in mm (a NIfTI file gives its own)")
+    grid = data.case_grid(preprocessing, image.shape[:3], spacing)
+    prepared = data.preprocess_image(image, grid,
+                                     order=data.image_order(preprocessing))
     return self.forward(prepared[None])[0]
 
   def __call__(self, image: np.ndarray | str | os.PathLike, *,
+               spacing: Sequence[float] | None = None,
                keep_largest: int | None = None,
                return_probabilities: bool = False):
     """Segments one image in its own voxel grid.
 
-    As in training, each channel is resized linearly to ``config.shape`` and
-    min-max normalised; the network's label map (thresholded sigmoid, or
-    arg-max of the softmax) is resized back by nearest neighbour.
+    As in training, each channel is resampled to the run's grid and min-max
+    normalised. A run trained on whole volumes predicts at ``config.shape``
+    and its label map (thresholded sigmoid, or arg-max of the softmax) is
+    resized back by nearest neighbour; a run trained on patches predicts by
+    sliding windows and its probabilities are resampled back linearly before
+    they become labels.
 
     Args:
       image: ``(X, Y, Z)`` or channels-last ``(X, Y, Z, C)`` array (any
@@ -264,8 +319,12 @@ class Segmenter:
         is the run's input channels, in training order (``modalities``), or
         every modality of its task (``task_modalities``), from which the
         run's are picked.
+      spacing: ``(X, Y, Z)`` voxel size of an array ``image`` in mm, needed
+        where the run resamples to a target spacing (``config.spacing``); a
+        NIfTI file's header gives its own, and this is then ignored.
       keep_largest: keep this many largest connected components of each
-        class, at the training shape (``topojax.postprocess``); ``None``
+        class (``topojax.postprocess``), at the training shape for a
+        whole-volume run, in the image's grid for a patch run; ``None``
         keeps everything.
       return_probabilities: also return the probabilities.
 
@@ -273,29 +332,33 @@ class Segmenter:
       ``mask``, uint8 ``(X, Y, Z)`` labels: 0 background, 1 foreground for a
       binary run, the label value for a one-hot run. With
       ``return_probabilities``, ``(mask, probabilities)``: float32
-      ``(X, Y, Z, C_out)``, each channel resized linearly from the training
-      shape (``mask`` is resized from the label map, not thresholded from
-      these).
+      ``(X, Y, Z, C_out)``, each channel resampled linearly from the grid
+      the network predicted on.
 
     Raises:
       FileNotFoundError: no such file.
       ValueError: not a 3D or 4D real image, channels the run does not take,
-        non-finite values, unreadable NIfTI; the file or ``image`` is named.
+        non-finite values, unreadable NIfTI, or a missing or non-positive
+        ``spacing`` where one is needed; the file or ``image`` is named.
     """
     _check_keep_largest(keep_largest)
     if isinstance(image, (str, os.PathLike)):
       where = pathlib.Path(image)
-      image, _ = self._read(where)
+      image, nifti = self._read(where)
+      spacing = _nifti_spacing(nifti)
     else:
       where = "image"
       image = _real_array(image)
-    probabilities = self._probabilities(image, where)
+      if spacing is not None:
+        spacing = checked_spacing(spacing)
+    probabilities = self._probabilities(image, where, spacing)
     shape = image.shape[:3]
-    mask = data.resize(_label_map(probabilities, keep_largest), shape,
-                       order=0)
+    mask, resampled = _in_image_grid(self.config, probabilities, shape,
+                                     keep_largest)
     if not return_probabilities:
       return mask
-    return mask, _resized(probabilities, shape)
+    return mask, (_resized(probabilities, shape) if resampled is None
+                  else resampled)
 
   def write_prediction(self, image_path: str | os.PathLike,
                        out_path: str | os.PathLike, *,
@@ -330,7 +393,10 @@ class Segmenter:
       raise FileExistsError(f"{out_path} exists; pass overwrite=True to "
                             "replace it")
     image, nifti = self._read(image_path)
-    mask = _label_map(self._probabilities(image, image_path), keep_largest)
+    probabilities = self._probabilities(image, image_path,
+                                        _nifti_spacing(nifti))
+    mask, _ = _in_image_grid(self.config, probabilities, image.shape[:3],
+                             keep_largest)
     return data.write_prediction(
         mask, _case_meta(image_path, image.shape[:3], nifti), out_path,
         overwrite=overwrite)

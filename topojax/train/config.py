@@ -67,9 +67,32 @@ class PhaseConfig:
 class TrainConfig:
   """Everything that defines a training run, as stored in a config file.
 
+  Two protocols. The paper's (``patch_size=None``): every case resized to
+  ``shape`` and trained and predicted whole. nnU-Net's (``patch_size``
+  set): steps on random patches of the cases (``foreground_fraction`` of
+  each batch centred on foreground), validation and prediction of whole
+  cases by sliding windows (``topojax.sliding_window``, Gaussian blending,
+  ``overlap``); the cases keep their own shapes (``shape=None``), at a
+  target ``spacing`` or on their own grids, or are resized to ``shape``.
+
   Attributes:
     shape: ``(X, Y, Z)`` every case is resized to, in voxels; each side a
-      multiple of ``2^(depth - 1)``.
+      multiple of ``2^(depth - 1)``; ``None`` (only with ``patch_size``)
+      keeps each case's own shape.
+    patch_size: ``(X, Y, Z)`` of the training patches and the prediction
+      windows, in voxels; each side a multiple of ``2^(depth - 1)``, none
+      larger than ``shape``. ``None``: whole volumes (the paper's).
+    spacing: ``(X, Y, Z)`` in mm every case is resampled to (images by
+      cubic spline, labels by nearest neighbour), with ``shape=None``;
+      ``None`` keeps each case's voxel grid.
+    foreground_fraction: share of each batch of patches centred on a
+      foreground voxel (nnU-Net: 1/3).
+    patches_per_case: patches drawn of every training case in an epoch;
+      each epoch ends with a validation by sliding windows, which costs
+      more than a pass of one patch per case over volumes much larger than
+      the patch.
+    overlap: share of a window overlapping the next in sliding-window
+      validation and prediction, in [0, 1).
     modalities: image channels to keep (``data.PreprocessConfig``).
     label_mode: ``"binary"`` (sigmoid output) or ``"onehot"`` (softmax).
     flip_axes: spatial axes randomly flipped during training (0 = X).
@@ -89,7 +112,12 @@ class TrainConfig:
     phase2: fine-tuning from phase 1's best checkpoint.
     description: free text, e.g. where the values come from.
   """
-  shape: tuple[int, int, int]
+  shape: tuple[int, int, int] | None = None
+  patch_size: tuple[int, int, int] | None = None
+  spacing: tuple[float, float, float] | None = None
+  foreground_fraction: float = 1 / 3
+  patches_per_case: int = 1
+  overlap: float = 0.5
   modalities: tuple[int | str, ...] | None = None
   label_mode: str = "binary"
   flip_axes: tuple[int, ...] = ()
@@ -109,17 +137,24 @@ class TrainConfig:
   description: str = ""
 
   def __post_init__(self):
-    for name in ("shape", "flip_axes", "kernel_sizes"):
+    for name in ("flip_axes", "kernel_sizes"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
-    if self.modalities is not None:
-      object.__setattr__(self, "modalities", tuple(self.modalities))
+    for name in ("shape", "patch_size", "spacing", "modalities"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     for name in ("phase1", "phase2"):
       value = getattr(self, name)
       if isinstance(value, dict):
         object.__setattr__(self, name, PhaseConfig(**value))
-    # The data module checks shape, modalities and label_mode.
+    if self.shape is None and self.patch_size is None:
+      raise ValueError("shape may be null only with a patch_size (cases in "
+                       "their own shapes are trained on patches)")
+    # The data module checks shape, spacing, modalities and label_mode.
     self.preprocess_config()
-    unet.check_spatial_shape(self.shape, self.depth)
+    if self.shape is not None:
+      unet.check_spatial_shape(self.shape, self.depth)
+    if self.patch_size is not None:
+      self._check_patches()
     if self.norm not in unet.NORMS:
       raise ValueError(f"norm must be one of {unet.NORMS}, got {self.norm!r}")
     for name in ("base_channels", "depth", "batch_size"):
@@ -134,15 +169,44 @@ class TrainConfig:
     if not isinstance(self.normalize, bool):
       raise ValueError(f"normalize must be true or false, got "
                        f"{self.normalize!r}")
+    # The network sees patches when there are, and the losses with it.
+    seen = self.shape if self.patch_size is None else self.patch_size
     if (not self.kernel_sizes or min(self.kernel_sizes) < 1
-        or max(self.kernel_sizes) > min(self.shape)):
+        or max(self.kernel_sizes) > min(seen)):
       raise ValueError(
           f"kernel_sizes {self.kernel_sizes} must be positive, non-empty and "
-          f"fit in every projected plane of shape {self.shape}")
+          f"fit in every projected plane of shape {seen}")
+
+  def _check_patches(self) -> None:
+    patch = self.patch_size
+    if len(patch) != 3 or not all(
+        isinstance(p, int) and not isinstance(p, bool) and p > 0
+        for p in patch):
+      raise ValueError(f"patch_size must be three positive ints (X, Y, Z) or "
+                       f"null, got {list(patch)}")
+    try:
+      unet.check_spatial_shape(patch, self.depth)
+    except ValueError as err:
+      raise ValueError(f"patch_size: {err}") from None
+    if self.shape is not None and any(
+        p > s for p, s in zip(patch, self.shape)):
+      raise ValueError(f"patch_size {patch} is larger than the shape "
+                       f"{self.shape} the cases are resized to")
+    if not 0 <= self.foreground_fraction <= 1:
+      raise ValueError(f"foreground_fraction must be in [0, 1], got "
+                       f"{self.foreground_fraction!r}")
+    if (not isinstance(self.patches_per_case, int)
+        or isinstance(self.patches_per_case, bool)
+        or self.patches_per_case < 1):
+      raise ValueError(f"patches_per_case must be a positive int, got "
+                       f"{self.patches_per_case!r}")
+    if not 0 <= self.overlap < 1:
+      raise ValueError(f"overlap must be in [0, 1), got {self.overlap!r}")
 
   def preprocess_config(self) -> data.PreprocessConfig:
     return data.PreprocessConfig(shape=self.shape, modalities=self.modalities,
-                                 label_mode=self.label_mode)
+                                 label_mode=self.label_mode,
+                                 spacing=self.spacing)
 
   def to_json(self) -> dict[str, Any]:
     """The fields as JSON values (tuples become lists), as in config files."""

@@ -1,4 +1,4 @@
-"""One pass of the train step over a phase's training batches.
+"""One pass of the train step over a phase's training batches (or patches).
 
 An epoch can stop after any step (a signal, agreed by every process) and go
 on later from there: its ``Place`` (batches done, their summed loss,
@@ -9,6 +9,7 @@ the one an uninterrupted run trains.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import itertools
 import time
@@ -31,14 +32,31 @@ class Place:
   seconds: float = 0.0
 
 
-def train_epoch(train_step, state, images: np.ndarray, targets: np.ndarray,
-                rows, *, config: config_lib.TrainConfig, epoch: int,
+def num_steps(config: config_lib.TrainConfig, num_rows: int) -> int:
+  """Train steps in an epoch over ``num_rows`` training cases.
+
+  A last partial batch is dropped; a run on patches draws
+  ``config.patches_per_case`` patches of every case.
+  """
+  if config.patch_size is not None:
+    num_rows *= config.patches_per_case
+  return num_rows // config.batch_size
+
+
+def train_epoch(train_step, state, images, targets, rows, *,
+                config: config_lib.TrainConfig, epoch: int,
                 mesh: jax.sharding.Mesh, desc: str, progress: bool,
-                stop: preemption.StopSignals, start: Place):
+                stop: preemption.StopSignals, start: Place,
+                foreground: Sequence[np.ndarray] | None = None):
   """A pass over the training rows in ``(config.seed, epoch)`` order.
 
   ``images`` are the dataset's, ``targets`` its labels as the train step
-  reads them (``steps.training_targets``). The pass begins after
+  reads them (``steps.training_targets``). A run with a ``patch_size``
+  trains on ``config.patches_per_case`` patches of each training case
+  (``data.iterate_patches``),
+  centred on one of its ``foreground`` voxels (``data.foreground_voxels``,
+  per row) for ``config.foreground_fraction`` of each batch; the others on
+  whole cases. The pass begins after
   ``start.batches`` batches (an epoch stopped part-way), and ends early after
   the step in flight when every process agrees that a signal came
   (``stop.agreed``).
@@ -48,17 +66,26 @@ def train_epoch(train_step, state, images: np.ndarray, targets: np.ndarray,
     unless it stopped early.
   """
   sharding = jax.NamedSharding(mesh, jax.P("data"))
-  num_steps = len(rows) // config.batch_size
+  steps_in_epoch = num_steps(config, len(rows))
   began = time.perf_counter() - start.seconds
   total = start.loss_sum
-  batches = data.iterate_batches(images, targets, rows,
-                                 batch_size=config.batch_size,
-                                 seed=config.seed, epoch=epoch,
-                                 flip_axes=config.flip_axes)
+  if config.patch_size is None:
+    batches = data.iterate_batches(images, targets, rows,
+                                   batch_size=config.batch_size,
+                                   seed=config.seed, epoch=epoch,
+                                   flip_axes=config.flip_axes)
+  else:
+    batches = data.iterate_patches(
+        (images, targets), foreground,
+        np.repeat(rows, config.patches_per_case),
+        patch_size=config.patch_size,
+        batch_size=config.batch_size,
+        foreground_fraction=config.foreground_fraction, seed=config.seed,
+        epoch=epoch, flip_axes=config.flip_axes)
   # The batches already trained are drawn again and dropped: their random
   # draws come first in the epoch's stream.
   batches = itertools.islice(batches, start.batches, None)
-  bar = tqdm.tqdm(batches, total=num_steps, initial=start.batches, desc=desc,
+  bar = tqdm.tqdm(batches, total=steps_in_epoch, initial=start.batches, desc=desc,
                   unit="batch", leave=False, disable=not progress)
   count = start.batches
   for count, (images, labels) in enumerate(bar, start.batches + 1):
@@ -68,7 +95,7 @@ def train_epoch(train_step, state, images: np.ndarray, targets: np.ndarray,
     seconds = time.perf_counter() - began
     bar.set_postfix(loss=f"{total / count:.4f}",
                     cases_per_s=f"{count * config.batch_size / seconds:.2f}")
-    if count < num_steps and stop.agreed():
+    if count < steps_in_epoch and stop.agreed():
       break
   bar.close()
   return state, Place(count, total, time.perf_counter() - began)

@@ -1,15 +1,16 @@
 """The training loop: a phase's epochs and early stopping, a run's phases.
 
 As in the Flax examples, an epoch is a pass of the compiled train step over
-the training cases (``epoch.train_epoch``), then ``validation.validate``; its
-line goes to ``log.jsonl`` and its state to ``checkpoints/``. SIGTERM and
-SIGINT stop it after the step in flight, saving the state with its place in
-the epoch (``preemption``). A phase
-(``train_phase``) keeps its epoch of best validation Dice, and stops early
-when that has not improved for ``patience`` epochs; only the validation
-cases decide, the test cases are never read here. ``train`` preprocesses a
-task, splits it and trains the phases asked for, phase 2 from phase 1's best
-checkpoint.
+the training cases, or patches of them (``epoch.train_epoch``), then
+``validation.validate`` (or ``validate_by_windows``, whole cases predicted
+by sliding windows, for a run on patches); its line goes to ``log.jsonl``
+and its state to ``checkpoints/``. SIGTERM and SIGINT stop it after the step
+in flight, saving the state with its place in the epoch (``preemption``). A
+phase (``train_phase``) keeps its epoch of best validation Dice, and stops
+early when that has not improved for ``patience`` epochs; only the
+validation cases decide, the test cases are never read here. ``train``
+preprocesses a task, splits it and trains the phases asked for, phase 2 from
+phase 1's best checkpoint.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def _start(job: _Phase, mesh: jax.sharding.Mesh):
     epoch, 0 for a new phase; the place reached in the next epoch.
   """
   model_def, state = steps.init_state(
-      job.config, in_channels=job.dataset.images.shape[-1],
-      out_channels=job.dataset.labels.shape[-1],
+      job.config, in_channels=job.dataset.in_channels,
+      out_channels=job.dataset.out_channels,
       learning_rate=job.settings.learning_rate, mesh=mesh)
   manager = checkpoint.open_manager(job.run_dir / "checkpoints")
   state, epoch, place = runs.restore_state(
@@ -145,11 +146,14 @@ def _report_start(job: _Phase, state, start: int,
   """Prints what the phase trains, on what, and from which epoch."""
   num_params = sum(p.size for p in jax.tree.leaves(
       nnx.filter_state(state["model"], nnx.Param)))
+  patch = job.config.patch_size
   print(f"phase {job.number} ({job.loss}, lr {job.settings.learning_rate:g}) "
         f"in {job.run_dir}: U-Net with {num_params:,} parameters, "
         f"{len(job.train_rows)} training and {len(job.val_rows)} validation "
         f"cases, batch {job.config.batch_size} over {jax.device_count()} "
-        "device(s)" + (f"; resuming after epoch {start}" if start else "")
+        "device(s)"
+        + (f", patches {'×'.join(map(str, patch))}" if patch else "")
+        + (f"; resuming after epoch {start}" if start else "")
         + (f", batch {place.batches}" if place.batches else ""))
 
 
@@ -162,9 +166,25 @@ def _make_steps(job: _Phase, model_def: nnx.GraphDef,
       learning_rate=job.settings.learning_rate,
       dice_weight=config.dice_weight, kernel_sizes=config.kernel_sizes,
       normalize=config.normalize)
+  if config.patch_size is not None:
+    return train_step, steps.make_window_forward(model_def)
   eval_step = steps.make_eval_step(model_def, mesh,
                                    kernel_sizes=config.kernel_sizes)
   return train_step, eval_step
+
+
+def _foreground(dataset: data.Dataset, rows) -> list[np.ndarray]:
+  """Per row, the foreground voxels patches are centred on (training rows).
+
+  Drawn once per phase from the row number alone, so every process and
+  every resumed run has the same.
+  """
+  start_channel = 0 if dataset.out_channels == 1 else 1
+  rows = {int(row) for row in rows}
+  return [data.foreground_voxels(dataset.labels[row],
+                                 start_channel=start_channel, seed=row)
+          if row in rows else np.zeros((0, 3), np.int64)
+          for row in range(len(dataset.case_ids))]
 
 
 def _cache_sizes(*functions) -> list[int]:
@@ -187,7 +207,7 @@ def _save_interrupted(job: _Phase, state, *, epoch: int,
       meta={"epoch": epoch, "phase": job.number, "seed": job.config.seed,
             "train_cases": list(job.split.train),
             **dataclasses.asdict(place)})
-  num_steps = len(job.train_rows) // job.config.batch_size
+  num_steps = epoch_lib.num_steps(job.config, len(job.train_rows))
   return preemption.Preempted(signum, (
       f"stopped by {_signal_name(signum)} in phase {job.number}, epoch "
       f"{epoch} after batch {place.batches} of {num_steps}; saved in {path}"))
@@ -195,9 +215,8 @@ def _save_interrupted(job: _Phase, state, *, epoch: int,
 
 def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
                log: list[dict[str, Any]], *, epoch: int,
-               place: epoch_lib.Place,
-               targets: np.ndarray, mesh: jax.sharding.Mesh,
-               stop: preemption.StopSignals):
+               place: epoch_lib.Place, targets, foreground,
+               mesh: jax.sharding.Mesh, stop: preemption.StopSignals):
   """Trains and validates epoch ``epoch``, logs it and saves its checkpoint.
 
   Its line is appended to ``log`` and to ``log.jsonl``; the epoch begins at
@@ -214,17 +233,22 @@ def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
   state, place = epoch_lib.train_epoch(
       train_step, state, job.dataset.images, targets, job.train_rows,
       config=job.config, epoch=epoch, mesh=mesh, desc=desc,
-      progress=job.progress, stop=stop, start=place)
-  num_steps = len(job.train_rows) // job.config.batch_size
+      progress=job.progress, stop=stop, start=place, foreground=foreground)
+  num_steps = epoch_lib.num_steps(job.config, len(job.train_rows))
   if place.batches < num_steps:
     raise _save_interrupted(job, state, epoch=epoch, place=place,
                             signum=stop.agreed())
   began = time.perf_counter() - place.seconds
   cases_per_s = num_steps * job.config.batch_size / place.seconds
   train_loss = place.loss_sum / num_steps
-  scores = validation.validate(
-      eval_step, state["model"], job.dataset.images, job.dataset.labels,
-      job.val_rows, batch_size=job.config.batch_size, mesh=mesh)
+  if job.config.patch_size is None:
+    scores = validation.validate(
+        eval_step, state["model"], job.dataset.images, job.dataset.labels,
+        job.val_rows, batch_size=job.config.batch_size, mesh=mesh)
+  else:
+    scores = validation.validate_by_windows(
+        eval_step, state["model"], job.dataset.images, job.dataset.labels,
+        job.val_rows, config=job.config)
   line = {"phase": job.number, "epoch": epoch, "train_loss": train_loss,
           **scores, "lr": job.settings.learning_rate,
           "time_s": time.perf_counter() - began, "cases_per_s": cases_per_s}
@@ -248,8 +272,8 @@ def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
 
 def _train_epochs(job: _Phase, train_step, eval_step, state, manager,
                   log: list[dict[str, Any]], *, start: int,
-                  place: epoch_lib.Place,
-                  targets: np.ndarray, mesh: jax.sharding.Mesh,
+                  place: epoch_lib.Place, targets, foreground,
+                  mesh: jax.sharding.Mesh,
                   stop: preemption.StopSignals) -> tuple[int, bool]:
   """Trains the epochs after ``start`` until the last or patience runs out.
 
@@ -277,7 +301,7 @@ def _train_epochs(job: _Phase, train_step, eval_step, state, manager,
     epoch += 1
     state, best = _run_epoch(job, train_step, eval_step, state, manager, log,
                              epoch=epoch, place=place, targets=targets,
-                             mesh=mesh, stop=stop)
+                             foreground=foreground, mesh=mesh, stop=stop)
     place = epoch_lib.Place()
     stopped_early = _out_of_patience(epoch, best, job.settings)
   return epoch, stopped_early
@@ -375,11 +399,14 @@ def _train_phase(job: _Phase, stop: preemption.StopSignals
   train_step, eval_step = _make_steps(job, model_def, mesh)
   targets = steps.training_targets(job.loss, dataset.labels, job.train_rows,
                                    normalize=config.normalize)
+  foreground = (None if config.patch_size is None
+                else _foreground(dataset, job.train_rows))
   before = _cache_sizes(train_step, eval_step)
   try:
     epoch, stopped_early = _train_epochs(
         job, train_step, eval_step, state, manager, log, start=start,
-        place=place, targets=targets, mesh=mesh, stop=stop)
+        place=place, targets=targets, foreground=foreground, mesh=mesh,
+        stop=stop)
   except BaseException:
     manager.close()
     raise

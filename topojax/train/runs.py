@@ -53,8 +53,8 @@ INTERRUPTED_DIR = "interrupted"
 _RUN_FILES = ("config.json", "split.json", "model.json", "log.jsonl",
               "curves.png", "summary.json", "checkpoints", INTERRUPTED_DIR)
 # Fields that must agree between phase 1 and the phase 2 built on it.
-_SHARED_FIELDS = ("shape", "modalities", "label_mode", "split_seed",
-                  "base_channels", "depth", "norm")
+_SHARED_FIELDS = ("shape", "spacing", "modalities", "label_mode",
+                  "split_seed", "base_channels", "depth", "norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +133,8 @@ def write_model_json(run_dir: pathlib.Path, dataset: data.Dataset) -> None:
   if jax.process_index() != 0:
     return
   write_json(run_dir / "model.json", {
-      "in_channels": int(dataset.images.shape[-1]),
-      "out_channels": int(dataset.labels.shape[-1]),
+      "in_channels": int(dataset.in_channels),
+      "out_channels": int(dataset.out_channels),
       "modalities": [dataset.task.modalities[i]
                      for i in dataset.modality_indices],
       "modality_indices": list(dataset.modality_indices),
@@ -172,9 +172,10 @@ def check_init(init: pathlib.Path, config: config_lib.TrainConfig) -> None:
         "first) or init is not a phase-1 folder")
   saved = json.loads((init / "config.json").read_text())["config"]
   current = config.to_json()
-  different = [f for f in _SHARED_FIELDS if saved[f] != current[f]]
+  # A run from before there was a spacing had none (get gives None).
+  different = [f for f in _SHARED_FIELDS if saved.get(f) != current[f]]
   if different:
-    changes = ", ".join(f"{f}: {saved[f]!r} there, {current[f]!r} here"
+    changes = ", ".join(f"{f}: {saved.get(f)!r} there, {current[f]!r} here"
                         for f in different)
     raise ValueError(f"init {init} was trained with other data or another "
                      f"model ({changes})")

@@ -13,8 +13,11 @@ Following the Flax examples, a phase is a ``train_step`` and an
   batches made into arrays split over them.
 
 Compiled steps: each phase jit-compiles one train step and one evaluation
-step; both see whole volumes at the fixed preprocessing shape (no sliding
-window is needed). Batches always have ``batch_size`` cases (the last partial
+step. Both see whole volumes at the fixed preprocessing shape, or, where the
+run trains on patches, the train step sees batches of patches and the
+evaluation step is ``make_window_forward``, the forward pass of the
+validation's sliding windows, compiled for the patch size whatever the
+cases' shapes. Batches always have ``batch_size`` cases (the last partial
 training batch is dropped, the last validation batch is padded by
 ``pad_batch``), so neither step recompiles after the first batch;
 ``summary.json`` records the number of compilations of each. The step
@@ -98,34 +101,42 @@ def make_loss(name: str, *, dice_weight: float, kernel_sizes: Sequence[int],
   return loss
 
 
-def training_targets(loss: str, labels: np.ndarray, rows: Sequence[int], *,
-                     normalize: bool = False) -> np.ndarray:
+def training_targets(loss: str, labels, rows: Sequence[int], *,
+                     normalize: bool = False):
   """What the train step of ``loss`` reads as labels, for the cases ``rows``.
 
   The labels themselves, unless the loss's row of
   ``topojax.train.LOSS_TABLE`` has a ``prepare``: then the labels with what
   it prepares from them (Skeleton Recall's tubed skeletons) as ``C`` more
   channels, computed once here, on the host, for the cases ``rows`` (the
-  training cases; the others' are left zero, as no step reads them). Being
-  channels of the label, they are flipped with it by the batches.
+  training cases; the others' are left zero, as no step reads them), each
+  on its whole label. Being channels of the label, they are flipped with it
+  by the batches, and cropped with it by the patches: a patch's own skeleton
+  would be wrong at its borders.
 
   Args:
     loss: a name in ``LOSSES``.
-    labels: ``(num_cases, X, Y, Z, C)`` float32 in {0, 1} (``data.Dataset``).
+    labels: ``(num_cases, X, Y, Z, C)`` float32 in {0, 1}, or per-case
+      ``(X_i, Y_i, Z_i, C)`` arrays (``data.Dataset.labels``).
     rows: the cases the train step reads.
     normalize: resolves older names (``config.resolve_loss``).
 
   Returns:
-    ``labels``, or a ``(num_cases, X, Y, Z, 2 C)`` float32 array.
+    ``labels``, or the same cases with ``2 C`` channels: one
+    ``(num_cases, X, Y, Z, 2 C)`` float32 array, or a list of per-case ones.
   """
   entry = loss_table.LOSS_TABLE[config_lib.resolve_loss(
       loss, normalize=normalize)]
   if entry.prepare is None:
     return labels
-  prepared = np.zeros(labels.shape, labels.dtype)
-  for row in rows:
-    prepared[row] = entry.prepare(labels[row][None])[0]
-  return np.concatenate([labels, prepared], axis=-1)
+  rows = {int(row) for row in rows}
+  cases = []
+  for row in range(len(labels)):
+    label = np.asarray(labels[row])
+    prepared = (entry.prepare(label[None])[0] if row in rows
+                else np.zeros_like(label))
+    cases.append(np.concatenate([label, prepared], axis=-1))
+  return np.stack(cases) if isinstance(labels, np.ndarray) else cases
 
 
 def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -258,6 +269,24 @@ def make_eval_step(model_def: nnx.GraphDef, mesh: jax.sharding.Mesh, *,
 
   return jax.jit(step, in_shardings=(replicated, batch, batch),
                  out_shardings=(batch, batch))
+
+
+@functools.lru_cache(maxsize=16)
+def make_window_forward(model_def: nnx.GraphDef):
+  """The jit-compiled forward pass of sliding-window validation.
+
+  Returns:
+    ``forward(model_state, windows) -> probabilities``: ``windows``
+    ``(B, *patch_size, C_in)`` and the state on one device, the
+    probabilities ``(B, *patch_size, C_out)`` there
+    (``topojax.sliding_window`` calls it with its windows).
+  """
+  def forward(model_state, windows):
+    model = nnx.merge(model_def, model_state)
+    model.eval()
+    return unet.probabilities(model(windows))
+
+  return jax.jit(forward)
 
 
 def to_global(batch: np.ndarray, sharding: jax.sharding.Sharding

@@ -1,4 +1,4 @@
-"""Tests for topojax/predict/windows.py: MONAI's placement and blend."""
+"""Tests for topojax/windows.py: MONAI's placement and blend."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import topojax
-from topojax.predict import windows as sw
+from topojax import windows as sw
 
 torch = pytest.importorskip("torch")
 inferers = pytest.importorskip(
