@@ -116,6 +116,8 @@ def test_preprocess_to_a_spacing_resamples_smoothly_and_labels_nearest():
   np.testing.assert_allclose(out_image[10:30, 3, 5, 0],
                              position[10:30] ** 2 / 19 ** 2, atol=5e-5)
   assert set(np.unique(out_label)) == {0.0, 1.0}
+  with pytest.raises(ValueError, match="spacing: the case's voxel size"):
+    data.preprocess(image, label, config, num_labels=3)
   assert data.image_order(config) == 3
   assert data.image_order(data.PreprocessConfig(shape=(4, 4, 4))) == 1
   # Each case's own grid: nothing is resampled.

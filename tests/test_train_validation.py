@@ -49,7 +49,7 @@ def test_one_window_per_case_validates_as_the_whole_volume_step(
       train.make_eval_step(model_def, mesh, kernel_sizes=(2, 4)),
       state["model"], images, labels, [2, 0], batch_size=2, mesh=mesh)
   windows = validation.validate_by_windows(
-      steps.make_window_forward(model_def), state["model"], images, labels,
+      steps.make_forward(model_def), state["model"], images, labels,
       [2, 0], config=config)
   np.testing.assert_allclose(windows["val_topo"], whole["val_topo"],
                              rtol=1e-5)

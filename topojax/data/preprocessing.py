@@ -93,16 +93,20 @@ def checked_spacing(spacing) -> tuple[float, float, float]:
 
 
 def case_grid(config: PreprocessConfig, shape: Sequence[int],
-              spacing: Sequence[float]) -> tuple[int, int, int]:
+              spacing: Sequence[float] | None) -> tuple[int, int, int]:
   """The ``(X, Y, Z)`` a case of ``shape`` voxels of ``spacing`` mm becomes.
 
   ``config.shape``; or, with a target ``config.spacing``, the case's extent
   in mm over that spacing, rounded (at least one voxel); or ``shape``.
+  ``spacing`` is read (and needed) only in the second case.
   """
   if config.shape is not None:
     return config.shape
   if config.spacing is None:
     return tuple(int(s) for s in shape[:3])
+  if spacing is None:
+    raise ValueError(f"spacing: the case's voxel size in mm is needed to "
+                     f"resample it to {config.spacing} mm")
   # In float64 whatever the header's float32 zooms: the grid must not
   # depend on which of the two a caller passes.
   return tuple(max(int(round(int(s) * float(old) / new)), 1)
@@ -124,7 +128,8 @@ def resize(volume: np.ndarray, shape: Sequence[int], *, order: int
   Args:
     volume: ``(X, Y, Z)`` array.
     shape: output ``(X', Y', Z')`` in voxels.
-    order: 1 for linear (images), 0 for nearest neighbour (labels, masks).
+    order: spline order: 1 for linear (images), 3 for cubic (images to a
+      target spacing), 0 for nearest neighbour (labels, masks).
 
   Returns:
     ``(X', Y', Z')`` array of ``volume``'s dtype.
@@ -175,7 +180,7 @@ def preprocess_image(image: np.ndarray, shape: Sequence[int], *,
 
 
 def preprocess(image: np.ndarray, label: np.ndarray, config: PreprocessConfig,
-               *, num_labels: int, spacing: Sequence[float] = (1., 1., 1.)
+               *, num_labels: int, spacing: Sequence[float] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
   """Resamples and normalises one case (the paper's §3.1, or nnU-Net's).
 
@@ -184,8 +189,8 @@ def preprocess(image: np.ndarray, label: np.ndarray, config: PreprocessConfig,
     label: ``(X, Y, Z)`` integer labels ``0 .. num_labels - 1``.
     config: the grid and label mode (its modalities are already applied).
     num_labels: ``K``, the number of labels background included.
-    spacing: the case's voxel size in mm (``CaseMeta.spacing``); read only
-      to resample to ``config.spacing``.
+    spacing: the case's voxel size in mm (``CaseMeta.spacing``); needed
+      only to resample to ``config.spacing``.
 
   Returns:
     ``(image, label)`` on the case's grid ``G = case_grid(config, ...)``:

@@ -49,7 +49,7 @@ def segment(model_def, model_state, images: np.ndarray, *,
   Returns:
     One float32 ``(X, Y, Z, C_out)`` probability volume per case.
   """
-  forward = train_steps.make_window_forward(model_def)
+  forward = train_steps.make_forward(model_def)
   out = []
   for start in range(0, len(images), batch_size):
     batch = np.asarray(images[start:start + batch_size], np.float32)
@@ -213,7 +213,7 @@ class Segmenter:
       ``(N, X, Y, Z, C_out)`` float32 probabilities.
     """
     shape = np.shape(images)
-    forward = train_steps.make_window_forward(self.model_def)
+    forward = train_steps.make_forward(self.model_def)
     if self.config.shape is None:
       if len(shape) != 5 or shape[-1] != self.in_channels or 0 in shape:
         raise ValueError(f"images must be (N, X, Y, Z, C_in) with C_in = "

@@ -167,7 +167,7 @@ def _make_steps(job: _Phase, model_def: nnx.GraphDef,
       dice_weight=config.dice_weight, kernel_sizes=config.kernel_sizes,
       normalize=config.normalize)
   if config.patch_size is not None:
-    return train_step, steps.make_window_forward(model_def)
+    return train_step, steps.make_forward(model_def)
   eval_step = steps.make_eval_step(model_def, mesh,
                                    kernel_sizes=config.kernel_sizes)
   return train_step, eval_step

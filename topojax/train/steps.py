@@ -9,13 +9,15 @@ Following the Flax examples, a phase is a ``train_step`` and an
   ``topojax.train.LOSS_TABLE``) and the paper's Adam; ``training_targets``,
   the labels as the train step of a loss reads them;
 * ``make_train_step``, ``make_eval_step``: the jit-compiled steps;
+  ``make_forward``, the forward pass on one device (sliding windows,
+  prediction);
 * ``data_mesh``, ``to_global``, ``pad_batch``: the devices, and host
   batches made into arrays split over them.
 
 Compiled steps: each phase jit-compiles one train step and one evaluation
 step. Both see whole volumes at the fixed preprocessing shape, or, where the
 run trains on patches, the train step sees batches of patches and the
-evaluation step is ``make_window_forward``, the forward pass of the
+evaluation step is ``make_forward``, the forward pass, here of the
 validation's sliding windows, compiled for the patch size whatever the
 cases' shapes. Batches always have ``batch_size`` cases (the last partial
 training batch is dropped, the last validation batch is padded by
@@ -272,14 +274,16 @@ def make_eval_step(model_def: nnx.GraphDef, mesh: jax.sharding.Mesh, *,
 
 
 @functools.lru_cache(maxsize=16)
-def make_window_forward(model_def: nnx.GraphDef):
-  """The jit-compiled forward pass of sliding-window validation.
+def make_forward(model_def: nnx.GraphDef):
+  """The jit-compiled forward pass: probabilities of a batch, on one device.
+
+  Sliding-window validation calls it with its windows; prediction with
+  whole volumes or windows.
 
   Returns:
-    ``forward(model_state, windows) -> probabilities``: ``windows``
-    ``(B, *patch_size, C_in)`` and the state on one device, the
-    probabilities ``(B, *patch_size, C_out)`` there
-    (``topojax.sliding_window`` calls it with its windows).
+    ``forward(model_state, images) -> probabilities``: ``images``
+    ``(B, X, Y, Z, C_in)`` and the state on one device, the probabilities
+    ``(B, X, Y, Z, C_out)`` there.
   """
   def forward(model_state, windows):
     model = nnx.merge(model_def, model_state)

@@ -85,7 +85,7 @@ def validate_by_windows(forward, model_state, images, labels,
   PPL is taken on the whole case.
 
   Args:
-    forward: from ``steps.make_window_forward``.
+    forward: from ``steps.make_forward``.
     model_state: the model's ``nnx.State``, replicated over the mesh.
     images: every case of the dataset, ``(X_i, Y_i, Z_i, C_in)`` each.
     labels: their labels, ``(X_i, Y_i, Z_i, C_out)``.
