@@ -49,7 +49,7 @@ import tqdm
 
 from topojax import metrics
 
-KINDS = ("blob", "ellipsoid", "torus", "ring", "branch")
+KINDS = ("blob", "ellipsoid", "torus", "ring", "branch", "vessel")
 
 # Object sizes as fractions of the smallest side of the volume. At 32³ an
 # ellipsoid's semi-axes span 4-8 voxels, a distractor's radius 2-3 voxels.
@@ -79,6 +79,38 @@ _BRANCH_GENERATIONS = (3, 4)
 # 5-10 voxels long at 32³, as thin as the branch's middle generations.
 _FRAGMENT_LENGTH = (0.15, 0.3)
 _FRAGMENT_RADIUS = (0.031, 0.05)
+# Beside vessels, as thin as their middle generations, in voxels.
+_VESSEL_FRAGMENT_RADIUS = (0.6, 1.2)
+# A vessel tree splits like a branch, over more generations, but its radii
+# are in voxels, not fractions of the side: what makes it hard is how its
+# width compares with a voxel, whatever the volume's size. The radius falls
+# geometrically from the root's to the finest generation's, which is
+# thinner than a voxel (diameter 0.6-0.9): such a tube fills a voxel only in
+# part, and the image shows it at that share of the contrast (partial
+# volume, sampled on a grid _SUPERSAMPLE times finer). Lengths are fractions
+# of the side, as for branches: at 96³ the root is 12-16 voxels long.
+_VESSEL_LENGTH = (0.12, 0.16)
+_VESSEL_SHRINK = (0.75, 0.88)
+_VESSEL_RADIUS = (1.8, 2.4)  # Root, in voxels.
+_VESSEL_TIP = (0.3, 0.45)  # Finest generation, in voxels.
+_VESSEL_GENERATIONS = (4, 5)
+# Smallest side of a volume with vessels: their radii do not shrink with
+# the volume, so a smaller one has no room for a tree of 4-5 generations.
+_VESSEL_MIN_SIDE = 64
+# Stenoses: stretches of a vessel (radius >= _STENOSIS_MIN_RADIUS voxels)
+# where the image keeps only a share _STENOSIS_CONTRAST of the vessel's
+# contrast over 1-3 voxels of its length, away from its ends; the label
+# runs through them.
+_STENOSES = (1, 3)  # Per tree.
+_STENOSIS_LENGTH = (1.0, 3.0)  # Voxels along the centre line.
+_STENOSIS_CONTRAST = (0.0, 0.2)
+_STENOSIS_MIN_RADIUS = 1.0
+_SUPERSAMPLE = 3
+# A label voxel is one whose centre lies within max(radius, this) of the
+# centre line: every voxel the line passes through has its centre within
+# half a diagonal, so the thinnest tube's label is still one 26-connected
+# chain.
+_LABEL_MIN_RADIUS = math.sqrt(3) / 2
 _BACKGROUND = 0.2
 _BLUR_SIGMA = 0.7  # Partial-volume blur, in voxels.
 _GAP = 2  # Voxels kept free around every shape, so none touch.
@@ -94,7 +126,8 @@ class SynthConfig:
   Attributes:
     shape: ``(X, Y, Z)`` of every volume, in voxels.
     num_cases: number of labelled cases.
-    kinds: object shapes to draw from, uniformly, among ``KINDS``.
+    kinds: object shapes to draw from, uniformly, among ``KINDS``;
+      ``"vessel"`` needs sides of at least 64 voxels.
     num_objects: inclusive ``(min, max)`` labelled objects per case.
     num_distractors: inclusive ``(min, max)`` unlabelled bright blobs per
       case; thin tube fragments instead when ``kinds`` holds ``"branch"``.
@@ -130,6 +163,9 @@ class SynthConfig:
     if not self.kinds or any(k not in KINDS for k in self.kinds):
       raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got "
                        f"{self.kinds}")
+    if "vessel" in self.kinds and min(self.shape) < _VESSEL_MIN_SIDE:
+      raise ValueError(f"kinds with 'vessel' need a shape of at least "
+                       f"{_VESSEL_MIN_SIDE} voxels a side, got {self.shape}")
     for name, low in (("num_objects", 1), ("num_distractors", 0)):
       bounds = getattr(self, name)
       if len(bounds) != 2 or bounds[0] < low or bounds[1] < bounds[0]:
@@ -160,10 +196,18 @@ class SynthConfig:
 #   the tips, 3-4 generations), β = (1, 0, 0), among 1-3 unlabelled tube
 #   fragments; a Dice network keeps fragments and breaks or loses thin
 #   branches (|Δβ0|; experiments/README.md has how it was tuned).
+# * vessels: 1-2 vessel trees at 96³ (radius about 2 voxels at the root,
+#   below half a voxel at the finest generation, 4-5 generations), each with
+#   1-3 stenoses where the image drops toward the background over 1-3
+#   voxels, at most one unlabelled tube fragment; the label runs through
+#   the stenoses, β = (trees, 0, 0). A Dice network breaks the trees at the
+#   stenoses and loses the finest branches (breaks, clDice).
 TASKS = {
     "components": SynthConfig(),
     "loops": SynthConfig(kinds=("ring",), num_distractors=(0, 1)),
     "branches": SynthConfig(kinds=("branch",), num_distractors=(1, 3)),
+    "vessels": SynthConfig(shape=(96, 96, 96), kinds=("vessel",),
+                           num_objects=(1, 2), num_distractors=(0, 1)),
 }
 
 
@@ -217,7 +261,12 @@ def _draw_shape(kind: str, rng: np.random.Generator, size: float):
 
     return inside, major + minor
   if kind == "branch":
-    segments, bound = _branch_tree(rng, size)
+    generations = int(rng.integers(_BRANCH_GENERATIONS[0],
+                                   _BRANCH_GENERATIONS[1] + 1))
+    root_radius = rng.uniform(*_BRANCH_RADIUS) * size
+    radii = np.linspace(root_radius, _BRANCH_TIP * size, generations)
+    segments, bound = _tree(rng, rng.uniform(*_BRANCH_LENGTH) * size, radii,
+                            shrink=_BRANCH_SHRINK)
     return lambda u: _near_segments(u, segments), bound
   # Star-shaped blob: the radius varies smoothly with direction and stays
   # positive, so the blob is one component without holes.
@@ -286,7 +335,7 @@ def _near_segments(u, segments) -> np.ndarray:
   return inside
 
 
-def _branch_tree(rng, size: float):
+def _tree(rng, length: float, radii, *, shrink):
   """A random tree of straight tubes, centred on the origin.
 
   Each tip splits into two children in a random plane through its
@@ -295,24 +344,24 @@ def _branch_tree(rng, size: float):
   component without loops, as long as no branch reaches another (the caller
   checks the Betti numbers and draws again if one does).
 
+  Args:
+    rng: random generator.
+    length: of the root segment, in voxels.
+    radii: tube radius of each generation, root first, in voxels.
+    shrink: ``(min, max)`` ratio of a child's length to its parent's.
+
   Returns:
-    ``(segments, radius)``: ``(start, end, radius)`` triples in voxels, and
-    a radius that bounds the tree.
+    ``(segments, radius)``: ``(start, end, radius)`` triples in voxels, root
+    first and each generation after the one before, and a radius that bounds
+    the tree.
   """
-  generations = int(rng.integers(_BRANCH_GENERATIONS[0],
-                                 _BRANCH_GENERATIONS[1] + 1))
-  root_radius = rng.uniform(*_BRANCH_RADIUS) * size
-  tip_radius = _BRANCH_TIP * size
-  length = rng.uniform(*_BRANCH_LENGTH) * size
   tips = [(np.zeros(3), np.array([0.0, 0.0, 1.0]), length)]
   segments = []
-  for generation in range(generations):
-    radius = root_radius + (tip_radius - root_radius) * (
-        generation / (generations - 1))
+  for radius in radii:
     grown = []
     for start, direction, segment_length in tips:
       end = start + direction * segment_length
-      segments.append((start, end, radius))
+      segments.append((start, end, float(radius)))
       # A unit vector across the direction, at a random angle around it.
       across = np.cross(direction, rng.normal(size=3))
       across /= np.linalg.norm(across)
@@ -320,23 +369,168 @@ def _branch_tree(rng, size: float):
         angle = rng.uniform(*_BRANCH_ANGLE)
         child = math.cos(angle) * direction + side * math.sin(angle) * across
         grown.append((end, child / np.linalg.norm(child),
-                      segment_length * rng.uniform(*_BRANCH_SHRINK)))
+                      segment_length * rng.uniform(*shrink)))
     tips = grown
   points = np.array([p for start, end, _ in segments for p in (start, end)])
   centre = (points.min(axis=0) + points.max(axis=0)) / 2
   segments = [(start - centre, end - centre, r) for start, end, r in segments]
-  bound = np.linalg.norm(points - centre, axis=1).max() + root_radius
+  bound = np.linalg.norm(points - centre, axis=1).max() + radii[0]
   return segments, bound
 
 
-def _fragment(rng, size: float):
+def _vessel_tree(rng, size: float):
+  """A vessel tree centred on the origin, and its stenoses.
+
+  Returns:
+    ``(segments, stenoses, radius)``: ``segments`` as ``_tree``;
+    ``stenoses`` ``(segment index, centre, length, contrast)``: the stretch
+    of that segment centred ``centre`` voxels from its start, ``length``
+    voxels long, where the image keeps the share ``contrast`` of the
+    vessel's contrast; ``radius`` bounds the tree.
+  """
+  generations = int(rng.integers(_VESSEL_GENERATIONS[0],
+                                 _VESSEL_GENERATIONS[1] + 1))
+  radii = np.geomspace(rng.uniform(*_VESSEL_RADIUS),
+                       rng.uniform(*_VESSEL_TIP), generations)
+  segments, bound = _tree(rng, rng.uniform(*_VESSEL_LENGTH) * size, radii,
+                          shrink=_VESSEL_SHRINK)
+  # A stenosis sits on a segment long enough to keep a voxel of tube on
+  # either side of it, so that it narrows a vessel, not a junction.
+  candidates = [i for i, (start, end, radius) in enumerate(segments)
+                if radius >= _STENOSIS_MIN_RADIUS
+                and np.linalg.norm(end - start) >= _STENOSIS_LENGTH[1] + 4]
+  count = min(len(candidates),
+              int(rng.integers(_STENOSES[0], _STENOSES[1] + 1)))
+  stenoses = []
+  for i in rng.choice(candidates, size=count, replace=False):
+    start, end, _ = segments[i]
+    stretch = rng.uniform(*_STENOSIS_LENGTH)
+    span = np.linalg.norm(end - start)
+    centre = rng.uniform(stretch / 2 + 2, span - stretch / 2 - 2)
+    stenoses.append((int(i), float(centre), float(stretch),
+                     float(rng.uniform(*_STENOSIS_CONTRAST))))
+  return segments, stenoses, bound
+
+
+def _segment_box(start, end, reach: float, shape) -> tuple[slice, ...]:
+  """The voxels within ``reach`` of a segment's bounding box, clipped."""
+  low = np.floor(np.minimum(start, end) - reach).astype(int)
+  high = np.ceil(np.maximum(start, end) + reach).astype(int) + 1
+  return tuple(slice(max(lo, 0), min(hi, n))
+               for lo, hi, n in zip(low, high, shape))
+
+
+def _along_and_across(points, start, end):
+  """Each point's distance along a segment's line from ``start`` and from
+  the segment (nearest point, clipped to the ends), both ``points.shape[1:]``.
+  """
+  axis = end - start
+  span = np.linalg.norm(axis)
+  offset = points - start.reshape((3,) + (1,) * (points.ndim - 1))
+  along = np.tensordot(axis / span, offset, 1)
+  nearest = np.clip(along, 0, span)
+  across = np.sqrt(((offset - (axis / span).reshape(offset.shape[:1] + (1,) * (
+      points.ndim - 1)) * nearest) ** 2).sum(axis=0))
+  return along, across
+
+
+def _tube_label(shape, segments) -> np.ndarray:
+  """The label of a tree of tubes: the voxels whose centre lies within
+  ``max(radius, _LABEL_MIN_RADIUS)`` of some segment, ``shape`` bool.
+
+  Args:
+    shape: ``(X, Y, Z)`` of the volume.
+    segments: ``(start, end, radius)`` in voxel coordinates of the volume.
+  """
+  label = np.zeros(shape, bool)
+  for start, end, radius in segments:
+    reach = max(radius, _LABEL_MIN_RADIUS)
+    box = _segment_box(start, end, reach + 1, shape)
+    centres = np.stack(np.meshgrid(*[np.arange(b.start, b.stop) for b in box],
+                                   indexing="ij")).astype(np.float32)
+    label[box] |= _along_and_across(centres, start, end)[1] <= reach
+  return label
+
+
+def _tube_contrast(shape, segments, stenoses=()) -> np.ndarray:
+  """The noise-free contrast of a tree of tubes, ``shape`` float32 in
+  [0, 1]: the share of each voxel inside the tubes (sampled
+  ``_SUPERSAMPLE``³ times per voxel), times the kept contrast inside a
+  stenosis.
+
+  Args:
+    shape: ``(X, Y, Z)`` of the volume.
+    segments: ``(start, end, radius)`` in voxel coordinates of the volume.
+    stenoses: as ``_vessel_tree``'s.
+  """
+  n = _SUPERSAMPLE
+  boxes = [_segment_box(start, end, radius + 1, shape)
+           for start, end, radius in segments]
+  # Everything happens in the union of the segments' boxes, sampled on a
+  # grid n times finer: voxel i spans [i - 0.5, i + 0.5].
+  low = [min(box[axis].start for box in boxes) for axis in range(3)]
+  high = [max(max(box[axis].stop for box in boxes), low[axis])
+          for axis in range(3)]
+  fine = np.zeros([(h - l) * n for l, h in zip(low, high)], bool)
+  offsets = (np.arange(n) + 0.5) / n - 0.5
+  for (start, end, radius), box in zip(segments, boxes):
+    samples = np.stack(np.meshgrid(
+        *[(np.arange(b.start, b.stop)[:, None] + offsets).ravel()
+          for b in box], indexing="ij")).astype(np.float32)
+    fine[tuple(slice((b.start - l) * n, (b.stop - l) * n)
+               for b, l in zip(box, low))] |= (
+        _along_and_across(samples, start, end)[1] <= radius)
+  contrast = np.zeros(shape, np.float32)
+  sides = [h - l for l, h in zip(low, high)]
+  contrast[tuple(slice(l, h) for l, h in zip(low, high))] = fine.reshape(
+      sides[0], n, sides[1], n, sides[2], n).sum(
+          axis=(1, 3, 5), dtype=np.float32) / n ** 3
+  for index, centre, stretch, kept in stenoses:
+    start, end, radius = segments[index]
+    box = _segment_box(start, end, radius + 2, shape)
+    points = np.stack(np.meshgrid(*[np.arange(b.start, b.stop) for b in box],
+                                  indexing="ij")).astype(np.float32)
+    along, across = _along_and_across(points, start, end)
+    inside = (np.abs(along - centre) <= stretch / 2) & (across <= radius + 1)
+    contrast[box] = np.where(inside, contrast[box] * kept, contrast[box])
+  return contrast
+
+
+def _place_vessels(rng, shape, size, occupied):
+  """Draws a vessel tree and puts it at a random centre and orientation
+  where it fits, as ``_place`` does a shape.
+
+  Returns:
+    ``(label, contrast)`` of ``_tube_label`` and ``_tube_contrast``, or
+    ``None`` when no try fitted.
+  """
+  segments, stenoses, radius = _vessel_tree(rng, size)
+  extent = np.asarray(shape, dtype=float)
+  low = np.minimum(radius + 1, extent / 2 - 0.5)
+  for _ in range(_TRIES):
+    centre = rng.uniform(low, extent - 1 - low)
+    rotation = Rotation.random(rng=rng).as_matrix()
+    placed = [(rotation @ start + centre, rotation @ end + centre, r)
+              for start, end, r in segments]
+    label = _tube_label(shape, placed)
+    if label.any() and not (label & occupied).any():
+      return label, _tube_contrast(shape, placed, stenoses)
+  return None
+
+
+def _fragment(rng, size: float, radii: tuple[float, float]):
   """An unlabelled straight tube along x, centred on the origin.
+
+  Args:
+    rng: random generator.
+    size: smallest side of the volume, in voxels.
+    radii: ``(min, max)`` of its radius, in voxels.
 
   Returns:
     ``(inside, radius)`` as ``_draw_shape``.
   """
   half = rng.uniform(*_FRAGMENT_LENGTH) * size / 2
-  radius = rng.uniform(*_FRAGMENT_RADIUS) * size
+  radius = rng.uniform(*radii)
   segment = (np.array([-half, 0.0, 0.0]), np.array([half, 0.0, 0.0]), radius)
   return lambda u: _near_segments(u, [segment]), half + radius
 
@@ -389,15 +583,24 @@ def make_case(config: SynthConfig, index: int
   # num_objects components is what makes the topology known.
   for _ in range(_ATTEMPTS):
     label = np.zeros(shape, dtype=bool)
+    clean = np.zeros(shape, dtype=np.float32)
     loops = 0
     for _ in range(num_objects):
       kind = config.kinds[rng.integers(len(config.kinds))]
       loops += kind in ("torus", "ring")
-      inside, radius = _draw_shape(kind, rng, size)
-      mask = _place(rng, grid, inside, radius, _surroundings(label))
-      if mask is None:
-        break
+      if kind == "vessel":
+        placed = _place_vessels(rng, shape, size, _surroundings(label))
+        if placed is None:
+          break
+        mask, contrast = placed
+      else:
+        inside, radius = _draw_shape(kind, rng, size)
+        mask = _place(rng, grid, inside, radius, _surroundings(label))
+        if mask is None:
+          break
+        contrast = mask
       label |= mask
+      clean = np.maximum(clean, contrast)
     else:
       # A neck digitised too thin would cut a ring, two branches of a tree
       # that touch would close a loop: every Betti number is checked.
@@ -408,14 +611,16 @@ def make_case(config: SynthConfig, index: int
                      f"{config.kinds} into shape {shape}; lower num_objects "
                      "or enlarge shape")
 
-  clean = label.astype(np.float32)
   occupied = label.copy()
-  # Beside branches, distractors are tube fragments: what a tree's broken
-  # tip looks like, and what a vessel tree's unlabelled neighbours are.
-  tubes = "branch" in config.kinds
+  # Beside branches and vessels, distractors are tube fragments: what a
+  # tree's broken tip looks like, and what a vessel tree's unlabelled
+  # neighbours are.
+  tubes = "branch" in config.kinds or "vessel" in config.kinds
   for _ in range(num_distractors):
     if tubes:
-      inside, radius = _fragment(rng, size)
+      inside, radius = _fragment(
+          rng, size, _VESSEL_FRAGMENT_RADIUS if "vessel" in config.kinds
+          else tuple(r * size for r in _FRAGMENT_RADIUS))
     else:
       radius = rng.uniform(*_DISTRACTOR_RADIUS) * size
       inside = _sphere(radius)
