@@ -165,12 +165,20 @@ def test_comparison_quick_mode_writes_every_loss(quick_comparison):
   for loss, tuning in result["tuning"]["losses"].items():
     assert tuning["chosen"] == tuning["scale"]  # --quick: λ0 alone.
     assert tuning["added"] == 0 and not tuning["capped"]
-  # The components |Δβ0| mixes are paired like every other metric.
+  # The components |Δβ0| mixes are paired like every other metric: the
+  # recorded mean difference is the per-case one of results.json.
+  saved_seed = json.loads((out / "results.json").read_text())["tasks"][
+      "loops"]["per_seed"]["1"]
   for key in ("breaks", "missed", "spurious"):
     assert key in evaluated[0]
+    baseline = [r[key] for r in saved_seed["Dice 2+2"]["cases"]]
     for name in names[2:]:
-      assert result["paired"][name][key]["verdict"] in (
-          "better", "worse", "no evidence")
+      diff = np.subtract([r[key] for r in saved_seed[name]["cases"]],
+                         baseline)
+      recorded = result["paired"][name][key]
+      assert recorded["mean"] == pytest.approx(diff.mean(), abs=1e-12)
+      assert recorded["low"] <= recorded["mean"] <= recorded["high"]
+      assert recorded["verdict"] in ("better", "worse", "no evidence")
     assert result["table"]["Dice 2+2"][key]["mean"] >= 0
   assert "| Setting |" in text and " breaks |" in text
   assert "| PH (Hu) 2+2 |" in text and "| cbDice 2+2 |" in text
