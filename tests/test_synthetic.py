@@ -1,4 +1,4 @@
-"""Tests for topojax/synthetic.py: known topology, determinism, MSD layout."""
+"""Tests for topojax/synthetic/: known topology, determinism, MSD layout."""
 
 import dataclasses
 import json
@@ -13,6 +13,7 @@ from skimage import morphology
 
 from topojax import cli
 from topojax import synthetic
+from topojax.synthetic import vessels
 
 
 def _components(mask):
@@ -268,7 +269,7 @@ def _without_stenoses(monkeypatch, config, index):
   """The case drawn with the stenoses keeping all the contrast: the same
   draws from the generator, so the same case but for the stenoses."""
   with monkeypatch.context() as patch:
-    patch.setattr(synthetic, "_STENOSIS_CONTRAST", (1.0, 1.0))
+    patch.setattr(vessels, "_STENOSIS_CONTRAST", (1.0, 1.0))
     return synthetic.make_case(config, index)
 
 
@@ -297,8 +298,8 @@ def test_a_stenosis_keeps_its_share_of_the_contrast_on_the_centre_line():
   start, end = np.array([4.0, 10.0, 10.0]), np.array([28.0, 10.0, 10.0])
   # 2 voxels long, centred 12 voxels from the start (x = 16), 10 % kept.
   segments = [(start, end, 2.0)]
-  label = synthetic._tube_label((32, 20, 20), segments)
-  contrast = synthetic._tube_contrast((32, 20, 20), segments,
+  label = vessels.tube_label((32, 20, 20), segments)
+  contrast = vessels.tube_contrast((32, 20, 20), segments,
                                       [(0, 12.0, 2.0, 0.1)])
   line = contrast[:, 10, 10]
   np.testing.assert_allclose(line[15:18], 0.1, atol=1e-6)
@@ -310,8 +311,8 @@ def test_a_stenosis_keeps_its_share_of_the_contrast_on_the_centre_line():
 @pytest.mark.parametrize("end", [(28.0, 10.0, 10.0), (26.0, 20.0, 15.0)])
 def test_sub_voxel_tubes_have_partial_volume_intensity(end):
   start, end, radius = np.array([4.0, 6.0, 8.0]), np.array(end), 0.35
-  label = synthetic._tube_label((32, 24, 24), [(start, end, radius)])
-  contrast = synthetic._tube_contrast((32, 24, 24), [(start, end, radius)])
+  label = vessels.tube_label((32, 24, 24), [(start, end, radius)])
+  contrast = vessels.tube_contrast((32, 24, 24), [(start, end, radius)])
   # The tube fills no voxel: intermediate intensities, whose sum is the
   # tube's volume (π r² L, the caps' half-balls π r³ 4/3 in all).
   length = np.linalg.norm(end - start)
