@@ -12,6 +12,7 @@ from experiments import compare_losses
 from experiments import figures
 from experiments import loss_protocol
 from experiments import loss_runs
+from experiments import loss_tables
 from experiments import paired
 from experiments import reproduce
 from topojax import data
@@ -301,6 +302,72 @@ def test_the_grid_grows_at_most_twice():
   assert not loss_protocol.at_capped_edge(weights, 10.0)
   assert not loss_protocol.at_capped_edge([0.1, 1.0, 10.0], 10.0)
   assert not loss_protocol.at_capped_edge([1.0], 1.0, max_values=1)
+
+
+def test_the_search_grows_the_grid_and_breaks_ties(tmp_path, monkeypatch):
+  """``loss_runs.tune``'s loop with training and evaluation replaced by
+  validation results made up per λ, so that each branch of the rule runs."""
+  def made_up(loss, weight):
+    if loss == "ppl":  # Fewer errors the larger λ: climbs to the cap.
+      return 0.9, 1.0 / weight
+    if loss == "cldice":  # Best at 0.1: one decade down, then inside.
+      return 0.9, abs(math.log10(weight) + 1)
+    return 0.9, 0.0  # No error at any λ: a tie for the Betti matching error.
+
+  trained = []
+
+  def train_setting(config, dataset, split, run_dir, loss, phase1, **_):
+    trained.append(run_dir.name)
+
+  def evaluate_run(run_dir, task_dir, case_ids, *, cache_dir):
+    loss, _, weight = run_dir.name.partition("_lambda")
+    dice, error = (0.9, 0.0) if not weight else made_up(loss, float(weight))
+    return [{"case": c, "dice": dice, "betti_error": error}
+            for c in case_ids]
+
+  def betti_matching_error(config, dataset, split, run_dir):
+    # Lowest at λ = 1 (λ0).
+    return 0.1 + abs(math.log10(float(run_dir.name.partition("_lambda")[2])))
+
+  monkeypatch.setattr(loss_runs.train, "train_phase", lambda *a, **k: None)
+  monkeypatch.setattr(loss_runs, "loss_scales", lambda *a: {
+      loss: {"scale": 1.0, "grad_norm": 1.0, "dice_grad_norm": 1.0}
+      for loss in loss_protocol.TOPOLOGY_LOSSES})
+  monkeypatch.setattr(loss_runs, "train_setting", train_setting)
+  monkeypatch.setattr(loss_runs, "evaluate_run", evaluate_run)
+  monkeypatch.setattr(loss_runs, "betti_matching_error", betti_matching_error)
+  split = data.Split(train=("a",), val=("b", "c"), test=("d",), seed=0)
+  (tmp_path / "tuning").mkdir()  # Phase 1's training would make it.
+  tuning = loss_runs.tune(TINY, None, split, tmp_path / "task",
+                          tmp_path / "tuning", grid=loss_protocol.GRID,
+                          max_values=loss_protocol.MAX_GRID, cache_dir=None,
+                          progress=False)
+  losses_ = tuning["losses"]
+  ppl = losses_["ppl"]
+  assert [g["lambda"] for g in ppl["grid"]] == pytest.approx(
+      [0.1, 1, 10, 100, 1000])
+  assert (ppl["chosen"], ppl["added"], ppl["capped"]) == (
+      pytest.approx(1000), 2, True)
+  cldice = losses_["cldice"]
+  assert [g["lambda"] for g in cldice["grid"]] == pytest.approx(
+      [0.01, 0.1, 1, 10])
+  assert (cldice["chosen"], cldice["added"], cldice["capped"]) == (
+      pytest.approx(0.1), 1, False)
+  tied = losses_["betti_matching"]
+  assert tied["chosen"] == 1.0 and tied["added"] == 0
+  assert [g["bm_error"] for g in tied["grid"]] == pytest.approx(
+      [1.1, 0.1, 1.1])
+  # Each λ trained once, the baseline first.
+  assert trained[0] == "dice_ft" and len(trained) == len(set(trained))
+  assert "ppl_lambda1000" in trained and "cldice_lambda0.01" in trained
+  text = loss_tables.tuning_markdown(tuning, "Dice 2+2")
+  assert "| 1000 (edge, cap reached) |" in text
+  assert "the cap: PPL;" in text and "may lie outside the grid" in text
+  again = loss_runs.tune(TINY, None, split, tmp_path / "task",
+                         tmp_path / "tuning", grid=loss_protocol.GRID,
+                         max_values=loss_protocol.MAX_GRID, cache_dir=None,
+                         progress=False)
+  assert again["resumed"] and again["losses"]["ppl"]["chosen"] == 1000
 
 
 def test_split_counts_give_24_validation_cases():
