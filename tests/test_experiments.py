@@ -13,7 +13,6 @@ from experiments import figures
 from experiments import loss_protocol
 from experiments import loss_runs
 from experiments import loss_tables
-from experiments import paired
 from experiments import reproduce
 from topojax import data
 from topojax import evaluate

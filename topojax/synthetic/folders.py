@@ -8,7 +8,6 @@ import os
 import pathlib
 
 import nibabel as nib
-import numpy as np
 from scipy import ndimage
 import tqdm
 
