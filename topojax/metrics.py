@@ -23,6 +23,7 @@ VER                0            -1                 +inf
 95HD               0            +inf               +inf
 2D CCE             0            defined            defined
 3D CCE, Betti      0            defined            defined
+component_errors   0            missed = β0(G)     spurious = β0(P)
 =================  ===========  =================  =================
 
 Infinite values are not errors: they say a structure is entirely missed or
