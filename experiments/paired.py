@@ -29,7 +29,9 @@ import numpy as np
 from scipy import stats
 
 # Metric key → (column title, True if lower is better). Σ|Δβ| is the sum of
-# the three Betti errors of a case, the topology error the λ rule ranks by.
+# the three Betti errors of a case, the topology error the λ rule ranks by;
+# breaks, missed and spurious components are what |Δβ0| mixes
+# (`topojax.component_errors`).
 METRICS = {
     "dice": ("Dice", False),
     "cldice": ("clDice", False),
@@ -38,6 +40,9 @@ METRICS = {
     "betti1_error": (r"\|Δβ1\|", True),
     "betti2_error": (r"\|Δβ2\|", True),
     "betti_error": (r"Σ\|Δβ\|", True),
+    "breaks": ("breaks", True),
+    "missed": ("missed", True),
+    "spurious": ("spurious", True),
 }
 CONFIDENCE = 0.95
 ALPHA = 0.05

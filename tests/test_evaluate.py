@@ -50,6 +50,22 @@ def test_evaluate_cases_rows_and_means_by_hand():
   assert math.isnan(stats["pearson_r"])
 
 
+def test_breaks_missed_and_spurious_per_case():
+  # The cube cut in two by an empty plane, plus a speck far from it: one
+  # break and one spurious component; an empty prediction misses the cube.
+  cut = GT.copy()
+  cut[4] = 0
+  cut[9, 9, 5] = 1
+  rows, summary = evaluate.evaluate_cases(
+      [Case("cut", GT, cut, SPACING),
+       Case("none", GT, np.zeros_like(GT), SPACING)])
+  assert [(r["breaks"], r["missed"], r["spurious"]) for r in rows] == [
+      (1, 0, 1), (0, 1, 0)]
+  assert summary[1]["metrics"]["breaks"]["mean"] == 0.5
+  assert "| Breaks | Missed | Spurious |" in evaluate.markdown_table(
+      {"run": summary})
+
+
 def test_pearson_r_is_over_the_cases_volumes():
   gts = [_cube((0, 0, 0), size) for size in (2, 3, 4)]
   preds = [_cube((0, 0, 0), size) for size in (3, 3, 5)]
@@ -211,7 +227,7 @@ def test_table_columns_follow_table_2():
   assert [cell.strip() for cell in header.strip("|").split(" | ")] == [
       "Run", "n", "Dice", "clDice", "95HD (mm)", "Precision", "Recall",
       "MVER", "MAVER", "Pearson's r", "2D CCE", "3D CCE", r"\|Δβ0\|",
-      r"\|Δβ1\|", r"\|Δβ2\|"]
+      r"\|Δβ1\|", r"\|Δβ2\|", "Breaks", "Missed", "Spurious"]
   # Table 2 itself (experiments/reproduce.py prints it) keeps the paper's
   # columns: clDice is the report's addition only.
   assert [title for _, title in evaluate.TABLE_COLUMNS] == [

@@ -1,15 +1,22 @@
 """Tests for experiments/: the reproduction's and the loss comparison's quick
 modes, and their figures."""
 
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
 
 from experiments import compare_losses
 from experiments import figures
+from experiments import loss_protocol
+from experiments import loss_runs
+from experiments import loss_tables
 from experiments import reproduce
+from topojax import data
 from topojax import evaluate
+from topojax import losses
 from topojax import train
 
 TINY = train.TrainConfig(
@@ -157,6 +164,23 @@ def test_comparison_quick_mode_writes_every_loss(quick_comparison):
   assert [r["case"] for r in evaluated] == list(split["test"])
   for loss, tuning in result["tuning"]["losses"].items():
     assert tuning["chosen"] == tuning["scale"]  # --quick: λ0 alone.
+    assert tuning["added"] == 0 and not tuning["capped"]
+  # The components |Δβ0| mixes are paired like every other metric: the
+  # recorded mean difference is the per-case one of results.json.
+  saved_seed = json.loads((out / "results.json").read_text())["tasks"][
+      "loops"]["per_seed"]["1"]
+  for key in ("breaks", "missed", "spurious"):
+    assert key in evaluated[0]
+    baseline = [r[key] for r in saved_seed["Dice 2+2"]["cases"]]
+    for name in names[2:]:
+      diff = np.subtract([r[key] for r in saved_seed[name]["cases"]],
+                         baseline)
+      recorded = result["paired"][name][key]
+      assert recorded["mean"] == pytest.approx(diff.mean(), abs=1e-12)
+      assert recorded["low"] <= recorded["mean"] <= recorded["high"]
+      assert recorded["verdict"] in ("better", "worse", "no evidence")
+    assert result["table"]["Dice 2+2"][key]["mean"] >= 0
+  assert "| Setting |" in text and " breaks |" in text
   assert "| PH (Hu) 2+2 |" in text and "| cbDice 2+2 |" in text
   for name in ("topology_vs_time.png", "loops_projections.png",
                "intervals.png", "curves.png"):
@@ -178,18 +202,178 @@ def test_comparison_resumes_without_retraining(quick_comparison):
       "paired"]
 
 
+def test_betti_matching_error_is_the_validation_mean_and_kept(
+    quick_comparison):
+  # The λ rule's tie-break, on a tuning run of the quick comparison.
+  root, results = quick_comparison
+  result = results["tasks"]["loops"]
+  config = reproduce.quick_config(train.load_config(root / "tiny.json"))
+  dataset = data.load_dataset(
+      root / "out" / "loops" / "data" / "Task00_Loops",
+      config.preprocess_config(), cache_dir=root / "cache", progress=False)
+  split = data.Split(**{k: tuple(v) if isinstance(v, list) else v
+                        for k, v in result["split"].items()})
+  run_dir = (root / "out" / "loops" / "tuning"
+             / f"ppl_lambda{result['weights']['ppl']:g}")
+  error = loss_runs.betti_matching_error(config, dataset, split, run_dir)
+  _, labels, probs = reproduce.probabilities_on_test_cases(
+      config, dataset, dataclasses.replace(split, test=split.val),
+      run_dir.parent, {run_dir.name: "run"})
+  # The mean over the validation cases, one case at a time.
+  each = [float(losses.betti_matching_loss(p[None, ..., None],
+                                           l[None, ..., None]))
+          for p, l in zip(probs["run"], labels.astype(np.float32))]
+  assert len(each) == len(split.val) and math.isfinite(error)
+  assert error == pytest.approx(np.mean(each), rel=1e-5, abs=1e-7)
+  kept = json.loads((run_dir / "bm_error.json").read_text())
+  assert kept == {"bm_error": error, "cases": list(split.val)}
+  assert loss_runs.betti_matching_error(config, dataset, split,
+                                        run_dir) == error
+
+
 @pytest.mark.parametrize("grid, chosen", [
     # The lowest topology error among the λ that keep Dice within 0.01.
     ({0.1: (0.90, 2.0), 1.0: (0.895, 1.0), 10.0: (0.85, 0.1)}, 1.0),
-    # Ties in topology error go to the higher Dice.
-    ({0.1: (0.90, 1.0), 1.0: (0.905, 1.0), 10.0: (0.80, 0.0)}, 1.0),
     # No λ keeps Dice: the one that harms it least.
     ({0.1: (0.80, 2.0), 1.0: (0.85, 1.0), 10.0: (0.70, 0.0)}, 1.0),
+    # One λ keeps Dice: nothing to break a tie between.
+    ({0.1: (0.80, 0.0), 1.0: (0.90, 0.0), 10.0: (0.70, 0.0)}, 1.0),
 ])
 def test_choose_weight_follows_the_written_rule(grid, chosen):
   baseline = {"dice": 0.90, "betti_error": 3.0}
   grid = {w: {"dice": d, "betti_error": b} for w, (d, b) in grid.items()}
-  assert compare_losses.choose_weight(grid, baseline) == chosen
+  assert loss_protocol.tied_weights(grid, baseline) == []
+  assert loss_protocol.choose_weight(grid, baseline) == chosen
+
+
+@pytest.mark.parametrize("bm_errors, chosen", [
+    # Tied in Σ|Δβ| (Dice fine-tuning left none on validation): the lowest
+    # Betti matching error of the probability maps, whatever the Dice.
+    ({0.1: 0.30, 1.0: 0.20, 10.0: 0.25}, 1.0),
+    ({0.1: 0.10, 1.0: 0.20, 10.0: 0.25}, 0.1),
+    # Tied there too: the higher Dice.
+    ({0.1: 0.20, 1.0: 0.20, 10.0: 0.25}, 1.0),
+])
+def test_ties_in_topology_error_go_to_the_betti_matching_error(bm_errors,
+                                                                chosen):
+  baseline = {"dice": 0.90, "betti_error": 0.0}
+  grid = {0.1: {"dice": 0.90, "betti_error": 0.0},
+          1.0: {"dice": 0.905, "betti_error": 0.0},
+          10.0: {"dice": 0.895, "betti_error": 0.0},
+          100.0: {"dice": 0.70, "betti_error": 0.0}}  # Loses Dice.
+  assert loss_protocol.tied_weights(grid, baseline) == [0.1, 1.0, 10.0]
+  with pytest.raises(ValueError, match="bm_error"):
+    loss_protocol.choose_weight(grid, baseline)
+  for w, e in bm_errors.items():
+    grid[w]["bm_error"] = e
+  assert loss_protocol.choose_weight(grid, baseline) == chosen
+
+
+@pytest.mark.parametrize("weights, chosen, expected", [
+    ((0.1, 1.0, 10.0), 1.0, None),  # Inside the grid: done.
+    ((0.1, 1.0, 10.0), 10.0, 100.0),  # Top edge: a decade up.
+    ((0.1, 1.0, 10.0), 0.1, 0.01),  # Bottom edge: a decade down.
+    ((0.1, 1.0, 10.0, 100.0), 100.0, 1000.0),  # Still at the top: again.
+    ((0.01, 0.1, 1.0, 10.0), 0.1, None),  # Moved inside after growing.
+    ((0.01, 0.1, 1.0, 10.0, 100.0), 100.0, None),  # Five: the cap.
+    ((1.0,), 1.0, None),  # One value (--quick): no edge to extend.
+])
+def test_next_weight_grows_the_grid_past_its_edge(weights, chosen, expected):
+  found = loss_protocol.next_weight(weights, chosen)
+  assert found == (None if expected is None else pytest.approx(expected))
+
+
+def test_the_grid_grows_at_most_twice():
+  # A loss whose validation error keeps falling with λ: the search climbs
+  # from the first grid until the cap, and says the edge was reached.
+  baseline = {"dice": 0.9, "betti_error": 1.0}
+  weights, chosen = [0.1, 1.0, 10.0], None
+  while True:
+    grid = {w: {"dice": 0.9, "betti_error": 1.0 / w} for w in weights}
+    chosen = loss_protocol.choose_weight(grid, baseline)
+    added = loss_protocol.next_weight(weights, chosen)
+    if added is None:
+      break
+    weights.append(added)
+  assert len(weights) == loss_protocol.MAX_GRID == 5
+  assert chosen == pytest.approx(1000.0)
+  assert loss_protocol.at_capped_edge(weights, chosen)
+  assert not loss_protocol.at_capped_edge(weights, 10.0)
+  assert not loss_protocol.at_capped_edge([0.1, 1.0, 10.0], 10.0)
+  assert not loss_protocol.at_capped_edge([1.0], 1.0, max_values=1)
+
+
+def test_the_search_grows_the_grid_and_breaks_ties(tmp_path, monkeypatch):
+  """``loss_runs.tune``'s loop with training and evaluation replaced by
+  validation results made up per λ, so that each branch of the rule runs."""
+  def made_up(loss, weight):
+    if loss == "ppl":  # Fewer errors the larger λ: climbs to the cap.
+      return 0.9, 1.0 / weight
+    if loss == "cldice":  # Best at 0.1: one decade down, then inside.
+      return 0.9, abs(math.log10(weight) + 1)
+    return 0.9, 0.0  # No error at any λ: a tie for the Betti matching error.
+
+  trained = []
+
+  def train_setting(config, dataset, split, run_dir, loss, phase1, **_):
+    trained.append(run_dir.name)
+
+  def evaluate_run(run_dir, task_dir, case_ids, *, cache_dir):
+    loss, _, weight = run_dir.name.partition("_lambda")
+    dice, error = (0.9, 0.0) if not weight else made_up(loss, float(weight))
+    return [{"case": c, "dice": dice, "betti_error": error}
+            for c in case_ids]
+
+  def betti_matching_error(config, dataset, split, run_dir):
+    # Lowest at λ = 1 (λ0).
+    return 0.1 + abs(math.log10(float(run_dir.name.partition("_lambda")[2])))
+
+  monkeypatch.setattr(loss_runs.train, "train_phase", lambda *a, **k: None)
+  monkeypatch.setattr(loss_runs, "loss_scales", lambda *a: {
+      loss: {"scale": 1.0, "grad_norm": 1.0, "dice_grad_norm": 1.0}
+      for loss in loss_protocol.TOPOLOGY_LOSSES})
+  monkeypatch.setattr(loss_runs, "train_setting", train_setting)
+  monkeypatch.setattr(loss_runs, "evaluate_run", evaluate_run)
+  monkeypatch.setattr(loss_runs, "betti_matching_error", betti_matching_error)
+  split = data.Split(train=("a",), val=("b", "c"), test=("d",), seed=0)
+  (tmp_path / "tuning").mkdir()  # Phase 1's training would make it.
+  tuning = loss_runs.tune(TINY, None, split, tmp_path / "task",
+                          tmp_path / "tuning", grid=loss_protocol.GRID,
+                          max_values=loss_protocol.MAX_GRID, cache_dir=None,
+                          progress=False)
+  losses_ = tuning["losses"]
+  ppl = losses_["ppl"]
+  assert [g["lambda"] for g in ppl["grid"]] == pytest.approx(
+      [0.1, 1, 10, 100, 1000])
+  assert (ppl["chosen"], ppl["added"], ppl["capped"]) == (
+      pytest.approx(1000), 2, True)
+  cldice = losses_["cldice"]
+  assert [g["lambda"] for g in cldice["grid"]] == pytest.approx(
+      [0.01, 0.1, 1, 10])
+  assert (cldice["chosen"], cldice["added"], cldice["capped"]) == (
+      pytest.approx(0.1), 1, False)
+  tied = losses_["betti_matching"]
+  assert tied["chosen"] == 1.0 and tied["added"] == 0
+  assert [g["bm_error"] for g in tied["grid"]] == pytest.approx(
+      [1.1, 0.1, 1.1])
+  # Each λ trained once, the baseline first.
+  assert trained[0] == "dice_ft" and len(trained) == len(set(trained))
+  assert "ppl_lambda1000" in trained and "cldice_lambda0.01" in trained
+  text = loss_tables.tuning_markdown(tuning, "Dice 2+2")
+  assert "| 1000 (edge, cap reached) |" in text
+  assert "the cap: PPL;" in text and "may lie outside the grid" in text
+  again = loss_runs.tune(TINY, None, split, tmp_path / "task",
+                         tmp_path / "tuning", grid=loss_protocol.GRID,
+                         max_values=loss_protocol.MAX_GRID, cache_dir=None,
+                         progress=False)
+  assert again["resumed"] and again["losses"]["ppl"]["chosen"] == 1000
+
+
+def test_split_counts_give_24_validation_cases():
+  num_val, num_test = loss_protocol.split_counts(loss_protocol.NUM_CASES)
+  assert (loss_protocol.NUM_CASES - num_val - num_test, num_val,
+          num_test) == (36, 24, 48)
+  assert num_val >= 24
 
 
 def test_comparison_refuses_unknown_tasks_and_used_folders(quick_comparison):

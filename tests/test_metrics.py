@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from scipy.spatial import distance
+from skimage import measure
 from skimage import morphology
 
 from topojax import metrics
@@ -417,6 +418,8 @@ def test_case_metrics_agree_with_the_single_metrics_uncropped():
       "betti0_error": betti[0],
       "betti1_error": betti[1],
       "betti2_error": betti[2],
+      **dict(zip(("breaks", "missed", "spurious"),
+                 metrics.component_errors(pred, gt))),
       "volume_pred_mm3": small_pred.sum() * voxel,
       "volume_gt_mm3": small_gt.sum() * voxel,
   })
@@ -427,6 +430,79 @@ def test_case_metrics_of_two_empty_masks():
   assert found["dice"] == 1.0 and found["hd95_mm"] == 0.0
   assert found["cldice"] == 1.0
   assert found["volume_pred_mm3"] == found["volume_gt_mm3"] == 0.0
+
+
+# Breaks, missed and spurious components, on volumes where the counts are
+# known by construction. Two "trees": straight tubes along x at y = 2 and 8.
+TUBES = _box((16, 11, 5), np.s_[1:15, 1:4, 1:4], np.s_[1:15, 7:10, 1:4])
+
+
+def _cut(mask, *xs):
+  """``mask`` with the planes ``x`` removed: each cut adds a piece."""
+  mask = mask.copy()
+  mask[list(xs)] = False
+  return mask
+
+
+@pytest.mark.parametrize("pred, expected", [
+    (TUBES, (0, 0, 0)),
+    # The first tube cut twice: 3 pieces, 2 breaks.
+    (_cut(TUBES, 5, 10) | _box(TUBES.shape, np.s_[:, 7:10, 1:4]),
+     (2, 0, 0)),
+    # Both tubes cut once: one break each.
+    (_cut(TUBES, 7), (2, 0, 0)),
+    # An island away from both tubes: spurious, not a break.
+    (TUBES | _box(TUBES.shape, np.s_[6:8, 5, 0]), (0, 0, 1)),
+    # The second tree lost entirely: missed, not a break.
+    (TUBES & _box(TUBES.shape, np.s_[:, :5, :]), (0, 1, 0)),
+    # A bridge joining the two trees: one piece of each, neither break nor
+    # spurious (a merge, which |Δβ0| sees instead).
+    (TUBES | _box(TUBES.shape, np.s_[7, 4:7, 2]), (0, 0, 0)),
+    # A thinner prediction inside the label still overlaps it: one piece.
+    (_box(TUBES.shape, np.s_[1:15, 2, 2], np.s_[1:15, 8, 2]), (0, 0, 0)),
+    # Nothing predicted: both trees missed.
+    (np.zeros(TUBES.shape, bool), (0, 2, 0)),
+])
+def test_component_errors_by_construction(pred, expected):
+  assert metrics.component_errors(pred, TUBES) == expected
+
+
+def test_component_errors_use_full_connectivity():
+  # Two voxels touching at a corner are one 26-connected piece.
+  gt = _box((4, 4, 4), np.s_[0:3, 0:3, 0:3])
+  pred = _box((4, 4, 4), np.s_[0, 0, 0], np.s_[1, 1, 1])
+  assert metrics.component_errors(pred, gt) == (0, 0, 0)
+  pred = _box((4, 4, 4), np.s_[0, 0, 0], np.s_[2, 2, 2])
+  assert metrics.component_errors(pred, gt) == (1, 0, 0)
+
+
+# Sparse masks have few bridges or none, denser ones some: both cases occur.
+@pytest.mark.parametrize("density", [0.03, 0.08])
+@pytest.mark.parametrize("seed", range(4))
+def test_component_errors_account_for_beta0(seed, density):
+  pred, gt = _random_masks(seed, shape=(12, 12, 12), density=density)
+  breaks, missed, spurious = metrics.component_errors(pred, gt)
+  assert metrics.component_errors(gt, gt) == (0, 0, 0)
+  # Label component count by scikit-image, independent of the code above.
+  gt_labels = measure.label(gt, connectivity=3)
+  pred_labels = measure.label(pred, connectivity=3)
+  bridges = sum(np.unique(gt_labels[(pred_labels == p) & gt]).size > 1
+                for p in range(1, pred_labels.max() + 1))
+  change = pred_labels.max() - gt_labels.max()
+  # Every predicted piece is spurious or a piece of some tree; a bridge is
+  # a piece of several, so it makes β0(P) smaller than the sum.
+  if bridges == 0:
+    assert change == breaks + spurious - missed
+  else:
+    assert change < breaks + spurious - missed
+
+
+def test_component_errors_without_bridges_give_beta0_error():
+  # A cut tube, an island and a lost tree: |Δβ0| = |2 + 1 - 1| = 2.
+  pred = _cut(TUBES & _box(TUBES.shape, np.s_[:, :5, :]), 4, 9)
+  pred |= _box(TUBES.shape, np.s_[12, 5, 0])
+  assert metrics.component_errors(pred, TUBES) == (2, 1, 1)
+  assert metrics.connected_component_error_3d(pred, TUBES) == 2
 
 
 @pytest.mark.parametrize("call, message", [
@@ -446,6 +522,8 @@ def test_case_metrics_of_two_empty_masks():
     (lambda: metrics.cldice(np.ones(4, bool), np.ones(4, bool)),
      "2D .* or 3D"),
     (lambda: metrics.cldice(SOME, SOME[:4]), "same shape"),
+    (lambda: metrics.component_errors(SOME, SOME[:4]), "same shape"),
+    (lambda: metrics.component_errors(SOME * 2, SOME), "pred must be a binary"),
 ])
 def test_bad_input_is_named(call, message):
   with pytest.raises(ValueError, match=message):

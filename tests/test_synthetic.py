@@ -1,7 +1,8 @@
-"""Tests for topojax/synthetic.py: known topology, determinism, MSD layout."""
+"""Tests for topojax/synthetic/: known topology, determinism, MSD layout."""
 
 import dataclasses
 import json
+import math
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ from skimage import morphology
 
 from topojax import cli
 from topojax import synthetic
+from topojax.synthetic import vessels
 
 
 def _components(mask):
@@ -24,7 +26,8 @@ def _components(mask):
     (("ellipsoid",), (1, 1)),
     (("blob",), (2, 2)),
     (("torus",), (1, 2)),
-    (synthetic.KINDS, (1, 3)),
+    # Every kind that fits 32³ (vessels need 64³: their own tests below).
+    (tuple(k for k in synthetic.KINDS if k != "vessel"), (1, 3)),
 ])
 def test_label_has_the_recorded_number_of_components(kinds, num_objects):
   config = synthetic.SynthConfig(shape=(32, 32, 32), kinds=kinds,
@@ -135,6 +138,7 @@ def test_generate_task_never_overwrites_silently(tmp_path):
     dict(num_cases=0),
     dict(kinds=("cube",)),
     dict(kinds=()),
+    dict(kinds=("vessel",), shape=(48, 64, 64)),
     dict(num_objects=(0, 1)),
     dict(num_objects=(2, 1)),
     dict(num_distractors=(-1, 2)),
@@ -239,3 +243,105 @@ def test_cli_synth_makes_branches(tmp_path):
                    "branch", "--num-distractors", "1", "1"]) == 0
   label = nib.load(out / "labelsTr" / "synth_000.nii.gz").get_fdata() > 0
   assert _betti(label) == (1, 0, 0)
+
+
+# The vessels task: trees whose image drops at stenoses and fades in
+# sub-voxel branches, whose label stays whole.
+VESSELS_64 = dataclasses.replace(synthetic.TASKS["vessels"], shape=(64,) * 3)
+
+
+@pytest.mark.parametrize("config, indices", [
+    (VESSELS_64, range(3)),
+    (synthetic.TASKS["vessels"], range(1)),
+])
+def test_vessel_trees_are_whole_in_the_label(config, indices):
+  assert min(config.shape) >= 64
+  for index in indices:
+    image, label, count = synthetic.make_case(config, index)
+    assert image.shape == label.shape == config.shape
+    assert image.dtype == np.float32 and label.dtype == np.uint8
+    # β0 of the label = number of trees, each a tree (no loop, no cavity).
+    assert 1 <= count <= 2
+    assert _betti(label.astype(bool)) == (count, 0, 0)
+
+
+def _without_stenoses(monkeypatch, config, index):
+  """The case drawn with the stenoses keeping all the contrast: the same
+  draws from the generator, so the same case but for the stenoses."""
+  with monkeypatch.context() as patch:
+    patch.setattr(vessels, "_STENOSIS_CONTRAST", (1.0, 1.0))
+    return synthetic.make_case(config, index)
+
+
+def test_stenoses_drop_the_image_toward_the_background(monkeypatch):
+  config = dataclasses.replace(VESSELS_64, noise=0.0, bias=0.0,
+                               num_distractors=(0, 0))
+  for index in range(3):
+    image, label, count = synthetic.make_case(config, index)
+    open_image, open_label, _ = _without_stenoses(monkeypatch, config, index)
+    np.testing.assert_array_equal(label, open_label)
+    drop = open_image - image
+    assert drop.min() >= -1e-6  # A stenosis only darkens.
+    # Each stenosis a separate dark stretch, 1-3 per tree.
+    stretches = measure.label(drop > 0.05, connectivity=3)
+    assert count <= stretches.max() <= 3 * count
+    for region in measure.regionprops(stretches, intensity_image=drop):
+      deepest = tuple(region.coords[np.argmax(drop[tuple(region.coords.T)])])
+      # On the vessel, and most of its contrast (0.8 above the background
+      # of 0.2) lost there, in spite of the blur.
+      assert label[deepest]
+      assert drop[deepest] > 0.3
+      assert image[deepest] < open_image[deepest] - 0.3
+
+
+def test_a_stenosis_keeps_its_share_of_the_contrast_on_the_centre_line():
+  start, end = np.array([4.0, 10.0, 10.0]), np.array([28.0, 10.0, 10.0])
+  # 2 voxels long, centred 12 voxels from the start (x = 16), 10 % kept.
+  segments = [(start, end, 2.0)]
+  label = vessels.tube_label((32, 20, 20), segments)
+  contrast = vessels.tube_contrast((32, 20, 20), segments,
+                                      [(0, 12.0, 2.0, 0.1)])
+  line = contrast[:, 10, 10]
+  np.testing.assert_allclose(line[15:18], 0.1, atol=1e-6)
+  np.testing.assert_allclose(line[6:14], 1.0)
+  np.testing.assert_allclose(line[19:27], 1.0)
+  assert label[4:29, 10, 10].all()  # The label runs through it.
+
+
+@pytest.mark.parametrize("end", [(28.0, 10.0, 10.0), (26.0, 20.0, 15.0)])
+def test_sub_voxel_tubes_have_partial_volume_intensity(end):
+  start, end, radius = np.array([4.0, 6.0, 8.0]), np.array(end), 0.35
+  label = vessels.tube_label((32, 24, 24), [(start, end, radius)])
+  contrast = vessels.tube_contrast((32, 24, 24), [(start, end, radius)])
+  # The tube fills no voxel: intermediate intensities, whose sum is the
+  # tube's volume (π r² L, the caps' half-balls π r³ 4/3 in all).
+  length = np.linalg.norm(end - start)
+  assert 0 < contrast.max() < 0.8
+  assert contrast.sum() == pytest.approx(
+      math.pi * radius ** 2 * length + 4 / 3 * math.pi * radius ** 3,
+      rel=0.1)
+  # The label is one 26-connected chain along the whole tube, every voxel
+  # the centre line passes through included.
+  assert _components(label) == 1
+  for t in np.linspace(0, 1, 200):
+    assert label[tuple(np.round(start + t * (end - start)).astype(int))]
+
+
+def test_vessel_images_show_thin_branches_at_intermediate_intensity():
+  config = dataclasses.replace(VESSELS_64, noise=0.0, bias=0.0,
+                               num_distractors=(0, 0))
+  image, label, _ = synthetic.make_case(config, 0)
+  inside = image[label.astype(bool)]
+  # Background 0.2, a voxel full of vessel about 1: the thick vessels reach
+  # it, the sub-voxel branches stay well below.
+  assert inside.max() > 0.9
+  assert np.mean((inside > 0.22) & (inside < 0.6)) > 0.2
+
+
+def test_vessel_cases_are_deterministic():
+  first = synthetic.make_case(VESSELS_64, 2)
+  again = synthetic.make_case(VESSELS_64, 2)
+  np.testing.assert_array_equal(first[0], again[0])
+  np.testing.assert_array_equal(first[1], again[1])
+  other = synthetic.make_case(dataclasses.replace(VESSELS_64, seed=1), 2)
+  assert not np.array_equal(first[1], other[1])

@@ -21,7 +21,7 @@ _PUBLIC = {
         "skeleton_recall_loss", "tubed_skeleton", "betti_matching_loss",
         "cbdice_loss", "with_dice_loss"),
     "topojax.metrics": (
-        "betti_numbers", "case_metrics", "cldice",
+        "betti_numbers", "case_metrics", "cldice", "component_errors",
         "connected_component_error_2d",
         "connected_component_error_3d", "dice", "euler_characteristic",
         "hausdorff_distance_95", "pearson_r", "precision", "recall",

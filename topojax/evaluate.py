@@ -52,10 +52,13 @@ TABLE_COLUMNS = (
     ("betti2_error", r"\|Δβ2\|"),
 )
 # The report's columns: Table 2's, with centerline Dice (Shit et al., CVPR
-# 2021) beside Dice. TABLE_COLUMNS stays the paper's alone, because
-# experiments/reproduce.py prints Table 2 from it.
+# 2021) beside Dice, then what |Δβ0| mixes, counted apart
+# (`metrics.component_errors`). TABLE_COLUMNS stays the paper's alone,
+# because experiments/reproduce.py prints Table 2 from it.
 REPORT_COLUMNS = (TABLE_COLUMNS[:1] + (("cldice", "clDice"),)
-                  + TABLE_COLUMNS[1:])
+                  + TABLE_COLUMNS[1:]
+                  + (("breaks", "Breaks"), ("missed", "Missed"),
+                     ("spurious", "Spurious")))
 REPORT_FILES = ("cases.csv", "summary.json", "table.md", "cases.png")
 # Predictions are written from the image's affine, so they should agree with
 # the label's to float32 rounding; this is far below any voxel size.
@@ -381,7 +384,10 @@ def markdown_table(summaries: Mapping[str, Mapping[int, dict]]) -> str:
       "infinite value (one mask empty), left out of the mean. Pearson's r: "
       "predicted vs. ground-truth volumes. clDice: centerline Dice. "
       "|Δβi|: Betti-number errors "
-      "(components, tunnels, cavities); |Δβ0| is the 3D CCE.")
+      "(components, tunnels, cavities); |Δβ0| is the 3D CCE. Breaks: "
+      "predicted pieces beyond one per label component; missed: label "
+      "components no prediction touches; spurious: predicted components "
+      "that touch no label.")
   lines += ["", legend]
   if notes:
     lines += [""] + notes

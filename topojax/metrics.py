@@ -23,6 +23,7 @@ VER                0            -1                 +inf
 95HD               0            +inf               +inf
 2D CCE             0            defined            defined
 3D CCE, Betti      0            defined            defined
+component_errors   0            missed = β0(G)     spurious = β0(P)
 =================  ===========  =================  =================
 
 Infinite values are not errors: they say a structure is entirely missed or
@@ -278,6 +279,50 @@ def connected_component_error_3d(pred, gt) -> int:
   return abs(count_components(pred) - count_components(gt))
 
 
+def component_errors(pred, gt) -> tuple[int, int, int]:
+  """``(breaks, missed, spurious)``: what |Δβ0| mixes, counted apart.
+
+  Components are 26-connected in 3D (full connectivity, as
+  `count_components`). A predicted component *overlaps* a label component
+  when they share a voxel.
+
+  * breaks: for each label component that some predicted component
+    overlaps, the number of predicted components overlapping it minus one,
+    summed over the label components; 0 when every tree is one piece.
+  * missed: label components that no predicted component overlaps (a lost
+    tree is missed, not broken).
+  * spurious: predicted components that overlap no label component.
+
+  A predicted component that bridges two label components counts as one
+  piece of each, so it adds no break and is not spurious: a merge makes no
+  tree fall apart and invents no structure; it lowers β0(P), so |Δβ0| sees it
+  and these counts do not. Without such bridges,
+  ``β0(P) − β0(G) = breaks + spurious − missed``; with them the left side
+  is smaller.
+
+  Args:
+    pred: predicted mask, ``(X, Y, Z)`` (or any rank), bool or ``{0, 1}``.
+    gt: ground-truth mask of the same shape.
+
+  Returns:
+    The three counts as ints; ``(0, 0, 0)`` when ``pred`` equals ``gt``.
+  """
+  pred, gt = _as_pair(pred, gt)
+  box = _content_box(pred | gt)
+  connectivity = _full_connectivity(pred.ndim)
+  gt_labels, num_gt = ndimage.label(gt[box], connectivity)
+  pred_labels, num_pred = ndimage.label(pred[box], connectivity)
+  shared = (gt_labels > 0) & (pred_labels > 0)
+  # Each overlapping (label component, predicted component) pair once.
+  pairs = np.unique(gt_labels[shared].astype(np.int64) * (num_pred + 1)
+                    + pred_labels[shared])
+  overlapped_gt = pairs // (num_pred + 1)
+  overlapped_pred = np.unique(pairs % (num_pred + 1))
+  touched_gt = np.unique(overlapped_gt).size
+  return (int(pairs.size - touched_gt), int(num_gt - touched_gt),
+          int(num_pred - overlapped_pred.size))
+
+
 def _components_per_slice(mask: np.ndarray) -> np.ndarray:
   """Component count of each slice along the last axis, ``(Z,)``."""
   # Full connectivity within a slice and none across slices: one labelling
@@ -411,7 +456,8 @@ def case_metrics(pred, gt, *, spacing: Sequence[float]) -> dict[str, float]:
     A dict with ``dice``, ``cldice`` (`cldice`), ``hd95_mm``, ``precision``,
     ``recall``, ``ver``, ``aver``, ``cce_2d``, ``cce_3d``, ``betti0_error``,
     ``betti1_error``, ``betti2_error`` (absolute differences of β0, β1, β2;
-    ``betti0_error`` equals ``cce_3d`` by definition) and the volumes
+    ``betti0_error`` equals ``cce_3d`` by definition), ``breaks``,
+    ``missed``, ``spurious`` (`component_errors`) and the volumes
     ``volume_pred_mm3``, ``volume_gt_mm3`` that Pearson's r is taken over.
   """
   pred, gt = _as_pair(pred, gt)
@@ -424,6 +470,7 @@ def case_metrics(pred, gt, *, spacing: Sequence[float]) -> dict[str, float]:
   ver = volume_error_rate(pred, gt)
   betti_errors = [abs(p - g) for p, g in zip(betti_numbers(pred),
                                               betti_numbers(gt))]
+  breaks, missed, spurious = component_errors(pred, gt)
   return {
       "dice": dice(pred, gt),
       "cldice": cldice(pred, gt),
@@ -437,6 +484,9 @@ def case_metrics(pred, gt, *, spacing: Sequence[float]) -> dict[str, float]:
       "betti0_error": betti_errors[0],
       "betti1_error": betti_errors[1],
       "betti2_error": betti_errors[2],
+      "breaks": breaks,
+      "missed": missed,
+      "spurious": spurious,
       "volume_pred_mm3": volumes[0],
       "volume_gt_mm3": volumes[1],
   }
