@@ -345,3 +345,7 @@ def test_vessel_cases_are_deterministic():
   np.testing.assert_array_equal(first[1], again[1])
   other = synthetic.make_case(dataclasses.replace(VESSELS_64, seed=1), 2)
   assert not np.array_equal(first[1], other[1])
+
+
+def test_the_cli_offers_every_kind():
+  assert cli.SYNTH_KINDS == synthetic.KINDS

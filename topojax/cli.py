@@ -21,6 +21,7 @@ import sys
 _EXPECTED = (ValueError, OSError)
 _USAGE_STATUS = 2  # Bad input, as argparse exits.
 _FAILURE_STATUS = 1  # The machine (a full disk, a damaged file).
+SYNTH_KINDS = ("blob", "ellipsoid", "torus", "ring", "branch", "vessel")
 
 
 def _add_demo_arguments(subparsers) -> None:
@@ -48,10 +49,13 @@ def _add_synth_arguments(subparsers) -> None:
   synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                      help="volume shape in voxels (default 32 32 32)")
   synth.add_argument("--num-cases", type=int, help="default 60")
-  synth.add_argument("--kinds", nargs="+",
-                     choices=("blob", "ellipsoid", "torus", "ring", "branch"),
+  # topojax.synthetic.KINDS, spelt out so that the CLI starts without
+  # importing the generator (tests/test_synthetic.py checks they agree).
+  synth.add_argument("--kinds", nargs="+", choices=SYNTH_KINDS,
                      help="labelled object shapes (default ellipsoid); a ring "
-                     "is a thin torus with a narrow neck")
+                     "is a thin torus with a narrow neck, a vessel a tree "
+                     "with stenoses and sub-voxel tips (at least 64 voxels a "
+                     "side)")
   synth.add_argument("--num-objects", type=int, nargs=2,
                      metavar=("MIN", "MAX"),
                      help="labelled objects per case (default 1 1)")
