@@ -248,7 +248,7 @@ def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
   else:
     scores = validation.validate_by_windows(
         eval_step, state["model"], job.dataset.images, job.dataset.labels,
-        job.val_rows, config=job.config)
+        job.val_rows, config=job.config, progress=job.progress)
   line = {"phase": job.number, "epoch": epoch, "train_loss": train_loss,
           **scores, "lr": job.settings.learning_rate,
           "time_s": time.perf_counter() - began, "cases_per_s": cases_per_s}

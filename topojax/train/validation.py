@@ -17,6 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from topojax import data
 from topojax import losses
@@ -74,7 +75,8 @@ def _dice(mask: np.ndarray, label: np.ndarray) -> float:
 
 def validate_by_windows(forward, model_state, images, labels,
                         indices: Sequence[int], *,
-                        config: config_lib.TrainConfig) -> dict[str, float]:
+                        config: config_lib.TrainConfig,
+                        progress: bool = False) -> dict[str, float]:
   """``validate`` of a run trained on patches: whole cases, window by window.
 
   Each case, of any shape, is predicted by ``topojax.sliding_window``
@@ -91,6 +93,7 @@ def validate_by_windows(forward, model_state, images, labels,
     labels: their labels, ``(X_i, Y_i, Z_i, C_out)``.
     indices: the rows to validate on.
     config: the run's configuration.
+    progress: a progress bar over the cases (large volumes take a while).
 
   Returns:
     ``{"val_dice": ..., "val_topo": ...}``.
@@ -100,7 +103,8 @@ def validate_by_windows(forward, model_state, images, labels,
                              model_state)
   predict = functools.partial(forward, local_state)
   dice, topo = [], []
-  for row in indices:
+  for row in tqdm.tqdm(indices, desc="validating", unit="case", leave=False,
+                       disable=not progress):
     label = np.asarray(labels[row], np.float32)
     probabilities = windows.sliding_window(
         predict, np.asarray(images[row], np.float32)[None],
