@@ -201,3 +201,32 @@ def test_a_batch_split_over_devices_is_convolved_per_device():
   # Forward, input and kernel gradient, each on one case of the four.
   assert count == "3" and per_device == "True"
   assert float(error) < 1e-5
+
+
+_SPLIT_IN_TWO = """
+import jax, jax.numpy as jnp, numpy as np
+from topojax import conv
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+batch = jax.NamedSharding(mesh, jax.P("data"))
+whole = jax.NamedSharding(mesh, jax.P())
+rng = np.random.default_rng(0)
+x = rng.normal(size=(4, 8, 7, 6, 3)).astype(np.float32)
+kernel = rng.normal(size=(3, 3, 3, 3, 5)).astype(np.float32)
+grad = lambda x, k: jax.grad(
+    lambda x, k: jnp.sum(jnp.sin(conv.conv3d(x, k))), argnums=(0, 1))(x, k)
+split = jax.jit(grad, in_shardings=(batch, whole))(x, kernel)
+one = jax.jit(grad, in_shardings=(whole, whole))(x, kernel)
+print(all(np.array_equal(a, b) for a, b in zip(split, one)))
+"""
+
+
+def test_a_batch_split_over_two_devices_gives_one_devices_bits():
+  # What lets two processes of one device each reproduce one process of two
+  # devices bit for bit (tests/test_train_loop.py): every case's values and
+  # input gradient are computed alone, and the kernel gradient is the
+  # pairwise sum of per-case terms, which the two devices' sum repeats.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  out = subprocess.run([sys.executable, "-c", _SPLIT_IN_TWO], env=env,
+                       capture_output=True, text=True, check=True, timeout=300)
+  assert out.stdout.split() == ["True"]
