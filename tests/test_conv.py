@@ -211,13 +211,18 @@ def test_train_step_equals_the_xla_path():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-_SHARDED = """
+# The start of the scripts that run on several host devices: a 1D mesh, a
+# batch split over it and a whole (replicated) array.
+_ON_DEVICES = """
 import jax, jax.numpy as jnp, numpy as np
 from topojax import conv
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 batch = jax.NamedSharding(mesh, jax.P("data"))
 whole = jax.NamedSharding(mesh, jax.P())
 rng = np.random.default_rng(0)
+"""
+
+_SHARDED = _ON_DEVICES + """
 x = rng.normal(size=(4, 6, 5, 4, 3)).astype(np.float32)
 kernel = rng.normal(size=(3, 3, 3, 3, 2)).astype(np.float32)
 def loss(conv3d):
@@ -247,13 +252,7 @@ def test_a_batch_split_over_devices_is_convolved_per_device():
   assert float(error) < 1e-5
 
 
-_SPLIT_IN_TWO = """
-import jax, jax.numpy as jnp, numpy as np
-from topojax import conv
-mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-batch = jax.NamedSharding(mesh, jax.P("data"))
-whole = jax.NamedSharding(mesh, jax.P())
-rng = np.random.default_rng(0)
+_SPLIT_IN_TWO = _ON_DEVICES + """
 x = rng.normal(size=(4, 8, 7, 6, 3)).astype(np.float32)
 kernel = rng.normal(size=(3, 3, 3, 3, 5)).astype(np.float32)
 up = rng.normal(size=(2, 2, 2, 3, 5)).astype(np.float32)
