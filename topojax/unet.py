@@ -25,8 +25,7 @@ slow (``benchmarks/RESULTS.md``):
   summation order; other backends keep XLA's 3D convolution.
 * The up-convolution is a matrix product to ``8 · C_out`` channels followed by
   a depth-to-space reshape (``UpConv``), which is exactly a ``2×2×2``
-  stride-2 transposed convolution; on CPU with the native part, oneDNN
-  computes it as one (``conv.conv3d_transpose``) with the same weights.
+  stride-2 transposed convolution.
 * Max pooling is a reshape and a max over the ``2×2×2`` windows.
 """
 
@@ -172,10 +171,7 @@ class UpConv(nnx.Module):
   transposed convolution is one ``C_in -> 8 · C_out`` matrix product per voxel
   followed by depth-to-space, which XLA's CPU backend runs far faster than
   ``nnx.ConvTranspose`` (``benchmarks/RESULTS.md``). ``nnx.ConvTranspose``
-  with the kernel flipped in space gives the same output. On CPU where the
-  oneDNN convolutions are built, the same weights go to
-  ``conv.conv3d_transpose`` instead, which writes the up-sampled voxels in
-  place.
+  with the kernel flipped in space gives the same output.
 
   ``(N, X, Y, Z, in_channels) -> (N, 2X, 2Y, 2Z, out_channels)``.
   """
@@ -185,17 +181,7 @@ class UpConv(nnx.Module):
     self.linear = nnx.Linear(in_channels, 8 * out_channels, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    n, sx, sy, sz, c_in = x.shape
-    kernel, bias = self.linear.kernel[...], self.linear.bias[...]
-    if (x.dtype == kernel.dtype == jnp.float32
-        and jax.default_backend() == "cpu" and conv.available()):
-      # XLA would copy the matmul's output into place, and its gradient back
-      # for the kernel gradient; oneDNN reads and writes them in place.
-      taps = kernel.reshape(c_in, 2, 2, 2, self.out_channels)
-      y = conv.conv3d_transpose(x, taps.transpose(1, 2, 3, 4, 0), (2, 2, 2))
-      y = y.reshape(n, sx, 2, sy, 2, sz, 2, self.out_channels)
-      y = y + bias.reshape(2, 2, 2, self.out_channels)[:, None, :, None, :]
-      return y.reshape(n, 2 * sx, 2 * sy, 2 * sz, self.out_channels)
+    n, sx, sy, sz, _ = x.shape
     y = self.linear(x).reshape(n, sx, sy, sz, 2, 2, 2, self.out_channels)
     y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return y.reshape(n, 2 * sx, 2 * sy, 2 * sz, self.out_channels)
