@@ -118,6 +118,11 @@ def test_negative_padding_is_refused():
                 padding=((-1, 0), (0, 0), (0, 0)))
 
 
+def test_mismatched_channels_are_refused():
+  with pytest.raises(ValueError, match="x must be .* got x"):
+    conv.conv3d(jnp.zeros((1, 4, 4, 4, 3)), jnp.zeros((3, 3, 3, 2, 1)))
+
+
 def test_unavailable_says_so_once(caplog):
   conv.available.cache_clear()
   try:
@@ -213,8 +218,9 @@ x = rng.normal(size=(4, 8, 7, 6, 3)).astype(np.float32)
 kernel = rng.normal(size=(3, 3, 3, 3, 5)).astype(np.float32)
 grad = lambda x, k: jax.grad(
     lambda x, k: jnp.sum(jnp.sin(conv.conv3d(x, k))), argnums=(0, 1))(x, k)
-split = jax.jit(grad, in_shardings=(batch, whole))(x, kernel)
-one = jax.jit(grad, in_shardings=(whole, whole))(x, kernel)
+# Fetched first: np.array_equal would read a failed computation as False.
+split = jax.device_get(jax.jit(grad, in_shardings=(batch, whole))(x, kernel))
+one = jax.device_get(jax.jit(grad, in_shardings=(whole, whole))(x, kernel))
 print(all(np.array_equal(a, b) for a, b in zip(split, one)))
 """
 
