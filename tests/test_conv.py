@@ -118,6 +118,11 @@ def test_negative_padding_is_refused():
                 padding=((-1, 0), (0, 0), (0, 0)))
 
 
+def test_mismatched_channels_are_refused():
+  with pytest.raises(ValueError, match="x must be .* got x"):
+    conv.conv3d(jnp.zeros((1, 4, 4, 4, 3)), jnp.zeros((3, 3, 3, 2, 1)))
+
+
 def test_unavailable_says_so_once(caplog):
   conv.available.cache_clear()
   try:
@@ -167,13 +172,18 @@ def test_train_step_equals_the_xla_path():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-_SHARDED = """
+# The start of the scripts that run on several host devices: a 1D mesh, a
+# batch split over it and a whole (replicated) array.
+_ON_DEVICES = """
 import jax, jax.numpy as jnp, numpy as np
 from topojax import conv
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 batch = jax.NamedSharding(mesh, jax.P("data"))
 whole = jax.NamedSharding(mesh, jax.P())
 rng = np.random.default_rng(0)
+"""
+
+_SHARDED = _ON_DEVICES + """
 x = rng.normal(size=(4, 6, 5, 4, 3)).astype(np.float32)
 kernel = rng.normal(size=(3, 3, 3, 3, 2)).astype(np.float32)
 def loss(conv3d):
@@ -201,3 +211,27 @@ def test_a_batch_split_over_devices_is_convolved_per_device():
   # Forward, input and kernel gradient, each on one case of the four.
   assert count == "3" and per_device == "True"
   assert float(error) < 1e-5
+
+
+_SPLIT_IN_TWO = _ON_DEVICES + """
+x = rng.normal(size=(4, 8, 7, 6, 3)).astype(np.float32)
+kernel = rng.normal(size=(3, 3, 3, 3, 5)).astype(np.float32)
+grad = lambda x, k: jax.grad(
+    lambda x, k: jnp.sum(jnp.sin(conv.conv3d(x, k))), argnums=(0, 1))(x, k)
+# Fetched first: np.array_equal would read a failed computation as False.
+split = jax.device_get(jax.jit(grad, in_shardings=(batch, whole))(x, kernel))
+one = jax.device_get(jax.jit(grad, in_shardings=(whole, whole))(x, kernel))
+print(all(np.array_equal(a, b) for a, b in zip(split, one)))
+"""
+
+
+def test_a_batch_split_over_two_devices_gives_one_devices_bits():
+  # What lets two processes of one device each reproduce one process of two
+  # devices bit for bit (tests/test_train_loop.py): every case's values and
+  # input gradient are computed alone, and the kernel gradient is the
+  # pairwise sum of per-case terms, which the two devices' sum repeats.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  out = subprocess.run([sys.executable, "-c", _SPLIT_IN_TWO], env=env,
+                       capture_output=True, text=True, check=True, timeout=300)
+  assert out.stdout.split() == ["True"]

@@ -127,6 +127,9 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides=(1, 1, 1),
   """
   if not available():
     raise RuntimeError(f"oneDNN convolutions unavailable: {_native()}")
+  if x.ndim != 5 or kernel.ndim != 5 or x.shape[-1] != kernel.shape[3]:
+    raise ValueError(f"x must be (N, X, Y, Z, C) and kernel (kx, ky, kz, C, "
+                     f"C_out), got x {x.shape} and kernel {kernel.shape}")
   strides = tuple(int(s) for s in strides)
   pads = _explicit_padding(padding, x.shape[1:4], kernel.shape[:3], strides)
   if any(lo < 0 or hi < 0 for lo, hi in pads):
