@@ -1,6 +1,6 @@
 """Which topology loss, and is the cheap one good enough? All on equal terms.
 
-    python -m experiments.compare_losses             # 3 tasks, λ search, 5 seeds
+    python -m experiments.compare_losses             # 4 tasks, λ search, 5 seeds
     python -m experiments.compare_losses --quick     # 2 + 2 epochs, 1 λ, 1 seed
     python -m experiments.compare_losses --resume    # continue a stopped run
 
@@ -11,8 +11,13 @@ constants and rules, ``experiments.loss_runs`` the runs,
 * Tasks: built-in synthetic tasks (``topojax.synthetic.TASKS``):
   "components" (an ellipsoid among bright unlabelled blobs: Dice keeps
   spurious components), "loops" (a ring with a narrow neck: Dice breaks it)
-  and "branches" (thin branching tubes among unlabelled fragments). 108
-  cases each: 36 train, 24 validation, 48 test (``split_counts``).
+  and "branches" (thin branching tubes among unlabelled fragments), each
+  resized to the config's ``shape`` and trained whole; and "vessels"
+  (vessel trees with stenoses and tips thinner than a voxel: Dice breaks
+  them) at ``loss_protocol.VESSEL_SHAPE``, larger than the network's input:
+  trained on patches of the config's ``shape``, validated and predicted
+  whole by sliding windows (``loss_protocol.task_config``). 108 cases each:
+  36 train, 24 validation, 48 test (``split_counts``).
 * Settings: phase 1 pre-trains the U-Net of ``configs/compare_losses.json``
   with Dice; from its best checkpoint phase 2 fine-tunes with the same epochs
   and learning rate once per setting: Dice alone, and Dice plus λ times each
@@ -118,12 +123,12 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
     task_began = time.perf_counter()
     task_out = out / task
     task_dir = task_out / "data" / f"Task00_{task.capitalize()}"
-    synth = dataclasses.replace(synthetic.TASKS[task], shape=config.shape,
-                                num_cases=num_cases)
+    synth = protocol.task_synth(task, config, num_cases=num_cases)
+    task_config = protocol.task_config(config, task)
     if not (task_dir / "dataset.json").is_file():
       synthetic.generate_task(task_dir, synth, overwrite=resume,
                               progress=progress)
-    dataset = data.load_dataset(task_dir, config.preprocess_config(),
+    dataset = data.load_dataset(task_dir, task_config.preprocess_config(),
                                 cache_dir=cache_dir, progress=progress)
     num_val, num_test = protocol.split_counts(num_cases)
     split = data.make_split([c.case_id for c in dataset.task.cases],
@@ -132,7 +137,7 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
     if progress:
       print(f"=== task {task}: λ search on seed {protocol.TUNING_SEED} ===",
             flush=True)
-    tuning = loss_runs.tune(config, dataset, split, task_dir,
+    tuning = loss_runs.tune(task_config, dataset, split, task_dir,
                             task_out / "tuning", grid=grid,
                             max_values=max_values, cache_dir=cache_dir,
                             progress=progress)
@@ -143,12 +148,15 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
       if progress:
         print(f"=== task {task}, seed {seed} ===", flush=True)
       per_seed[seed] = loss_runs.evaluate_seed(
-          dataclasses.replace(config, seed=seed), dataset, split, task_dir,
+          dataclasses.replace(task_config, seed=seed), dataset, split,
+          task_dir,
           task_out / f"seed{seed}", weights=weights, cache_dir=cache_dir,
           progress=progress)
     arrays = loss_tables.per_case_arrays(per_seed, names)
     results["tasks"][task] = {
         "synthetic": dataclasses.asdict(synth),
+        **({"config": task_config.to_json()} if task_config != config
+           else {}),
         "split": dataclasses.asdict(split), "tuning": tuning,
         "weights": weights, "table": loss_tables.summarise(per_seed, names),
         "paired": paired.compare_settings(
@@ -157,7 +165,7 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
         "per_seed": {str(s): {names[d]: v for d, v in runs.items()}
                      for s, runs in per_seed.items()}}
     loss_tables.projections(
-        dataclasses.replace(config, seed=seeds[0]), dataset, split,
+        dataclasses.replace(task_config, seed=seeds[0]), dataset, split,
         task_out / f"seed{seeds[0]}", names,
         out / f"{task}_projections.png", task)
     results["minutes"][task] = {
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
                       "compare_losses.json)")
   parser.add_argument("--tasks", nargs="+", default=list(protocol.TASKS),
                       choices=sorted(synthetic.TASKS),
-                      help="built-in synthetic tasks (default: all three)")
+                      help="built-in synthetic tasks (default: all four)")
   parser.add_argument("--seeds", type=int, nargs="+",
                       help="evaluation seeds (default 1 2 3 4 5; 1 with "
                       f"--quick); seed {protocol.TUNING_SEED} tunes λ")
