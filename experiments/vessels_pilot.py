@@ -113,12 +113,13 @@ def study_minutes(config: train.TrainConfig, *, train_s: float,
   return parts
 
 
-def pilot(*, out, shape=protocol.VESSEL_SHAPE, overlap=None,
+def pilot(*, out, config_path=compare_losses.DEFAULT_CONFIG,
+          shape=protocol.VESSEL_SHAPE, overlap=None,
           patches_per_case=None, num_cases=protocol.NUM_CASES, seed=1,
           quick=False, cache_dir=None, progress=True) -> dict:
   """Phase 1 and Dice fine-tuning on the vessels task; ``pilot.json``."""
   out = pathlib.Path(out)
-  config = train.load_config(compare_losses.DEFAULT_CONFIG)
+  config = train.load_config(config_path)
   if quick:
     config = reproduce.quick_config(config)
   config = protocol.task_config(config, "vessels", shape=shape)
@@ -202,6 +203,9 @@ def main(argv=None) -> int:
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--config", default=str(compare_losses.DEFAULT_CONFIG),
+                      help="TrainConfig JSON (default: configs/"
+                      "compare_losses.json); its shape is the patch")
   parser.add_argument("--shape", type=int, default=protocol.VESSEL_SHAPE[0],
                       help="side of the volumes in voxels (default "
                       f"{protocol.VESSEL_SHAPE[0]})")
@@ -217,7 +221,7 @@ def main(argv=None) -> int:
   parser.add_argument("--cache-dir")
   args = parser.parse_args(argv)
   try:
-    pilot(out=args.out, shape=(args.shape,) * 3, overlap=args.overlap,
+    pilot(out=args.out, config_path=args.config, shape=(args.shape,) * 3, overlap=args.overlap,
           patches_per_case=args.patches_per_case, num_cases=args.num_cases,
           seed=args.seed, quick=args.quick, cache_dir=args.cache_dir)
   except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -514,3 +514,46 @@ def test_loss_scales_of_a_patch_run_see_training_patches(vessel_run):
   for loss, scale in scales.items():
     assert scale["dice_grad_norm"] > 0, loss
     assert math.log10(scale["scale"]) == round(math.log10(scale["scale"]))
+
+
+def test_vessels_pilot_quick_mode_records_breaks_and_costs(tmp_path):
+  from experiments import vessels_pilot
+
+  config = tmp_path / "tiny.json"
+  config.write_text(json.dumps(TINY.to_json()))
+  results = vessels_pilot.pilot(out=tmp_path / "pilot", config_path=config,
+                                num_cases=10, quick=True,
+                                cache_dir=tmp_path / "cache", progress=False)
+  assert json.loads((tmp_path / "pilot" / "pilot.json").read_text()) == (
+      json.loads(json.dumps(evaluate.json_ready(results))))
+  num_test = loss_protocol.split_counts(10)[1]
+  for run in results["runs"].values():
+    assert len(run["cases"]) == num_test
+    assert run["mean"]["breaks"] == pytest.approx(
+        np.mean([c["breaks"] for c in run["cases"]]))
+    assert 0 < run["epochs"]["train_s"] < run["epochs"]["epoch_s"]
+  # Overlap 0 tiles a 64³ volume with (64 / 16)³ windows of 16³; overlap
+  # 0.5 starts one every 8 voxels: 7 per axis.
+  assert results["validation"]["0"]["windows_per_case"] == 4 ** 3
+  assert results["validation"]["0.5"]["windows_per_case"] == 7 ** 3
+
+
+def test_study_minutes_count_every_epoch_of_the_protocol():
+  from experiments import vessels_pilot
+
+  config = train.load_config(compare_losses.DEFAULT_CONFIG)  # 8 + 4 epochs.
+  minutes = vessels_pilot.study_minutes(
+      config, train_s=6.0, validate_s=12.0, test_s=30.0, num_val=24,
+      num_test=48, weights_per_loss=3)
+  # λ search: phase 1, Dice fine-tuning, 7 losses × 3 λ; 5 seeds × (phase
+  # 1 + 8 settings).
+  epochs = 8 + 4 * (1 + 21) + 5 * (8 + 8 * 4)
+  assert minutes["epochs"] == epochs == 296
+  assert minutes["training_steps"] == pytest.approx(epochs * 6 / 60)
+  assert minutes["validation"] == pytest.approx(epochs * 12 / 60)
+  # 22 runs on 24 validation cases, 45 on 48 test cases.
+  assert minutes["test_and_tuning_evaluation"] == pytest.approx(
+      (22 / 2 + 45) * 30 / 60)
+  assert minutes["total"] == pytest.approx(
+      sum(minutes[k] for k in ("training_steps", "validation",
+                               "test_and_tuning_evaluation")))
