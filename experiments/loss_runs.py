@@ -94,8 +94,9 @@ def _loss_step(loss: str, dice_weight: float, kernel_sizes: tuple[int, ...]):
 
 def loss_scales(config, dataset, split, phase1) -> dict[str, dict]:
   """Each topological loss's λ0: the power of ten nearest to
-  ‖∇L_dice‖ / ‖∇L_topo‖ over the training cases (logit gradients of phase
-  1's best model), and the two norms. A loss without gradient there gets 1.
+  ‖∇L_dice‖ / ‖∇L_topo‖ over the training cases, or one patch of each for
+  a run on patches (logit gradients of phase 1's best model), and the two
+  norms. A loss without gradient there gets 1.
   """
   squares = {loss: 0.0 for loss in protocol.VARIANTS.values()}
   for logits, targets in _phase1_logits(config, dataset,

@@ -45,6 +45,7 @@ from topojax import metrics
 from topojax import predict
 from topojax import synthetic
 from topojax import train
+from topojax import windows
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "synthetic.json"
@@ -188,11 +189,8 @@ def _probabilities(config, model_def, state, images) -> np.ndarray:
   if config.patch_size is None:
     return np.stack(predict.segment(model_def, state, images,
                                     batch_size=config.batch_size))
-  from topojax import windows
-  from topojax.train import steps
-
   return np.asarray(windows.sliding_window(
-      functools.partial(steps.make_forward(model_def), state), images,
+      functools.partial(train.steps.make_forward(model_def), state), images,
       patch_size=config.patch_size, overlap=config.overlap,
       batch_size=config.batch_size))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -118,6 +119,7 @@ def pilot(*, out, config_path=compare_losses.DEFAULT_CONFIG,
           patches_per_case=None, num_cases=protocol.NUM_CASES, seed=1,
           quick=False, cache_dir=None, progress=True) -> dict:
   """Phase 1 and Dice fine-tuning on the vessels task; ``pilot.json``."""
+  load = os.getloadavg()[0]
   out = pathlib.Path(out)
   config = train.load_config(config_path)
   if quick:
@@ -150,7 +152,8 @@ def pilot(*, out, config_path=compare_losses.DEFAULT_CONFIG,
   loss_runs.train_setting(config, dataset, split, out / "dice_ft", "dice",
                           phase1, progress=progress, line="dice_ft")
   timed["dice_ft_s"] = time.perf_counter() - began
-  results = {"shape": list(synth.shape), "config": config.to_json(),
+  results = {"load_at_start": load, "shape": list(synth.shape),
+             "config": config.to_json(),
              "split": [len(split.train), len(split.val), len(split.test)],
              "generate_s": generated, "runs": {}}
   saved = out / "pilot.json"
