@@ -1,7 +1,8 @@
 """Which topology loss, and is the cheap one good enough? All on equal terms.
 
     python -m experiments.compare_losses             # 4 tasks, λ search, 5 seeds
-    python -m experiments.compare_losses --quick     # 2 + 2 epochs, 1 λ, 1 seed
+    python -m experiments.compare_losses --quick     # 2 + 2 epochs, 1 λ, 1 seed,
+                                                     # the 32³ tasks
     python -m experiments.compare_losses --resume    # continue a stopped run
 
 The protocol, fixed before the run (``experiments.loss_protocol`` holds its
@@ -85,20 +86,24 @@ DEFAULT_OUT = reproduce.ROOT / "out" / "compare_losses"
 VARIANTS = protocol.VARIANTS
 
 
-def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
+def compare(*, config_path=DEFAULT_CONFIG, tasks=None, seeds=None,
             out=DEFAULT_OUT, quick=False, resume=False,
             num_cases=protocol.NUM_CASES, cache_dir=None, progress=True,
             command=None) -> dict:
   """The whole comparison; returns what ``results.json`` holds.
 
   ``seeds`` (evaluation seeds) default to ``loss_protocol.EVAL_SEEDS``, or
-  (1,) with ``quick``, which also runs 2 + 2 epochs and λ0 alone.
+  (1,) with ``quick``, which also runs 2 + 2 epochs and λ0 alone; ``tasks``
+  to ``loss_protocol.default_tasks(quick)`` (with ``quick``, not the
+  vessels).
   ``command`` is recorded in the results, as given.
   """
   started = time.perf_counter()
   load = os.getloadavg()[0]
   if seeds is None:
     seeds = (1,) if quick else protocol.EVAL_SEEDS
+  if tasks is None:
+    tasks = protocol.default_tasks(quick)
   if not seeds or protocol.TUNING_SEED in seeds:
     raise ValueError(f"--seeds: give at least one seed, none of them the "
                      f"tuning seed {protocol.TUNING_SEED}; got {list(seeds)}")
@@ -212,9 +217,10 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                       help="TrainConfig JSON (default: configs/"
                       "compare_losses.json)")
-  parser.add_argument("--tasks", nargs="+", default=list(protocol.TASKS),
-                      choices=sorted(synthetic.TASKS),
-                      help="built-in synthetic tasks (default: all four)")
+  parser.add_argument("--tasks", nargs="+", choices=sorted(synthetic.TASKS),
+                      help="built-in synthetic tasks (default: "
+                      f"{' '.join(protocol.TASKS)}; with --quick, "
+                      f"{' '.join(protocol.default_tasks(True))})")
   parser.add_argument("--seeds", type=int, nargs="+",
                       help="evaluation seeds (default 1 2 3 4 5; 1 with "
                       f"--quick); seed {protocol.TUNING_SEED} tunes λ")
@@ -237,7 +243,8 @@ def main(argv=None) -> int:
                     str(pathlib.Path(args.out) / "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   try:
-    compare(config_path=args.config, tasks=tuple(args.tasks),
+    compare(config_path=args.config,
+            tasks=None if args.tasks is None else tuple(args.tasks),
             seeds=args.seeds, out=args.out, quick=args.quick,
             resume=args.resume, num_cases=args.num_cases,
             cache_dir=args.cache_dir,

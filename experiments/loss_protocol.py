@@ -50,6 +50,13 @@ def split_counts(num_cases: int) -> tuple[int, int]:
   return max(1, round(num_cases * 2 / 9)), max(1, round(num_cases * 4 / 9))
 
 
+def default_tasks(quick: bool) -> tuple[str, ...]:
+  """The tasks a comparison runs unless told: all of ``TASKS``; a
+  ``--quick`` smoke run leaves out ``PATCH_TASKS``, whose sliding windows
+  over whole volumes cost minutes even for 2 + 2 epochs."""
+  return tuple(t for t in TASKS if not (quick and t in PATCH_TASKS))
+
+
 def task_config(config: train.TrainConfig, task: str, *,
                 shape=VESSEL_SHAPE) -> train.TrainConfig:
   """The config a task trains with: ``config`` itself for a whole-volume

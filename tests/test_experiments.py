@@ -462,6 +462,13 @@ def test_comparison_gives_vessels_the_patch_protocol(tmp_path, monkeypatch):
   assert text.count("Volumes of") == 1  # Not under the loops task.
 
 
+def test_quick_comparisons_leave_out_the_vessels_by_default():
+  assert loss_protocol.default_tasks(quick=False) == (
+      "components", "loops", "branches", "vessels")
+  assert loss_protocol.default_tasks(quick=True) == (
+      "components", "loops", "branches")
+
+
 @pytest.fixture(scope="module")
 def vessel_run(tmp_path_factory):
   """Phase 1 of a run on patches of a few vessel cases, 2 epochs."""
