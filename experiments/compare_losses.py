@@ -154,9 +154,8 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=None, seeds=None,
         print(f"=== task {task}, seed {seed} ===", flush=True)
       per_seed[seed] = loss_runs.evaluate_seed(
           dataclasses.replace(task_config, seed=seed), dataset, split,
-          task_dir,
-          task_out / f"seed{seed}", weights=weights, cache_dir=cache_dir,
-          progress=progress)
+          task_dir, task_out / f"seed{seed}", weights=weights,
+          cache_dir=cache_dir, progress=progress)
     arrays = loss_tables.per_case_arrays(per_seed, names)
     results["tasks"][task] = {
         "synthetic": dataclasses.asdict(synth),

@@ -9,13 +9,16 @@ vessels task (``topojax.synthetic.TASKS["vessels"]``) at ``--shape`` with
 the comparison's 108 cases and split, the network and epochs of
 ``configs/compare_losses.json`` on patches of its ``shape``
 (``loss_protocol.task_config``), phase 1 Dice and phase 2 Dice ("Dice
-fine-tuning") on seed 1, both predicted on the test cases by sliding
+fine-tuning") on ``--seed`` (1), both predicted on the test cases by sliding
 windows. Printed and written to ``--out/pilot.json``: per test case the
 extra tree pieces (breaks), missed and spurious components of both phases
-(the issue asks Dice fine-tuning to leave at least 0.5 breaks per case),
-and what an epoch costs: the training steps and the sliding-window
-validation apart. A pilot, not the comparison's verdict; it resumes where
-it stopped (the runs keep their checkpoints) when run again on ``--out``.
+(the issue asks Dice fine-tuning to leave at least 0.5 breaks per case);
+what an epoch costs, the training steps and the sliding-window validation
+apart; one validation of the fine-tuned model timed at window overlaps 0.5
+and 0; and from these the vessels' estimated minutes in the full
+comparison (``study_minutes``). A pilot, not the comparison's verdict; it
+resumes where it stopped (the runs keep their checkpoints and test
+metrics) when run again on ``--out``.
 """
 
 from __future__ import annotations
@@ -178,13 +181,12 @@ def pilot(*, out, config_path=compare_losses.DEFAULT_CONFIG,
   results["validation"] = validation_costs(
       out / "dice_ft", dataset, dataset.indices(split.val), config)
   results["study_minutes"] = {
-      f"overlap {overlap}": study_minutes(
+      f"overlap {key}": study_minutes(
           config, train_s=run["epochs"]["train_s"],
           validate_s=cost["seconds"], test_s=run["test_s"],
           num_val=len(split.val), num_test=len(split.test))
-      for overlap, cost in results["validation"].items()}
-  saved.write_text(json.dumps(evaluate.json_ready(results),
-                                             indent=1))
+      for key, cost in results["validation"].items()}
+  saved.write_text(json.dumps(evaluate.json_ready(results), indent=1))
   if progress:
     for name, run in results["runs"].items():
       means = ", ".join(f"{k} {v:.3f}" for k, v in run["mean"].items())
@@ -192,9 +194,9 @@ def pilot(*, out, config_path=compare_losses.DEFAULT_CONFIG,
       print(f"{name}: {means}; epoch {cost['epoch_s']:.1f} s (steps "
             f"{cost['train_s']:.1f} s, validation {cost['validate_s']:.1f} "
             f"s), test prediction {run['test_s']:.0f} s")
-    for overlap, cost in results["validation"].items():
-      minutes = results["study_minutes"][f"overlap {overlap}"]
-      print(f"validation at overlap {overlap}: {cost['seconds']:.1f} s, "
+    for key, cost in results["validation"].items():
+      minutes = results["study_minutes"][f"overlap {key}"]
+      print(f"validation at overlap {key}: {cost['seconds']:.1f} s, "
             f"Dice {cost['val_dice']:.3f}; the vessels study: "
             + ", ".join(f"{k} {v:.0f}" for k, v in minutes.items()))
   return results
