@@ -135,7 +135,9 @@ def write(results, names, config, out: pathlib.Path, *, progress) -> None:
   minutes = results["minutes"]
   e1, e2 = config.phase1.epochs, config.phase2.epochs
   text = [f"# Topology losses compared: {len(results['seeds'])} evaluation "
-          f"seed(s), {config.shape} voxels, {e1} + {e2} epochs; "
+          f"seed(s), a network on {'×'.join(map(str, config.shape))} "
+          f"voxels (whole volumes, or patches where a task says so), "
+          f"{e1} + {e2} epochs; "
           f"{minutes['total']:.1f} min", "",
           f"Command: `{results['command']}`; machine: {results['machine']}; "
           f"load {results['load_at_start']:.2f} at the start.", ""]
