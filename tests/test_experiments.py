@@ -457,6 +457,7 @@ def test_comparison_gives_vessels_the_patch_protocol(tmp_path, monkeypatch):
   assert tuple(result["synthetic"]["kinds"]) == ("vessel",)
   text = (tmp_path / "out" / "table.md").read_text()
   assert "## Task 'vessels'" in text
+  assert "a network on 16×16×16 voxels (whole volumes, or patches" in text
   assert ("Volumes of 64×64×64 voxels, trained on 16×16×16 patches (2 per "
           "case and epoch)") in text
   assert text.count("Volumes of") == 1  # Not under the loops task.
