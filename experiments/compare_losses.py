@@ -1,7 +1,8 @@
 """Which topology loss, and is the cheap one good enough? All on equal terms.
 
-    python -m experiments.compare_losses             # 3 tasks, λ search, 5 seeds
-    python -m experiments.compare_losses --quick     # 2 + 2 epochs, 1 λ, 1 seed
+    python -m experiments.compare_losses             # 4 tasks, λ search, 5 seeds
+    python -m experiments.compare_losses --quick     # 2 + 2 epochs, 1 λ, 1 seed,
+                                                     # the 32³ tasks
     python -m experiments.compare_losses --resume    # continue a stopped run
 
 The protocol, fixed before the run (``experiments.loss_protocol`` holds its
@@ -11,8 +12,13 @@ constants and rules, ``experiments.loss_runs`` the runs,
 * Tasks: built-in synthetic tasks (``topojax.synthetic.TASKS``):
   "components" (an ellipsoid among bright unlabelled blobs: Dice keeps
   spurious components), "loops" (a ring with a narrow neck: Dice breaks it)
-  and "branches" (thin branching tubes among unlabelled fragments). 108
-  cases each: 36 train, 24 validation, 48 test (``split_counts``).
+  and "branches" (thin branching tubes among unlabelled fragments), each
+  resized to the config's ``shape`` and trained whole; and "vessels"
+  (vessel trees with stenoses and tips thinner than a voxel: Dice breaks
+  them) at ``loss_protocol.VESSEL_SHAPE``, larger than the network's input:
+  trained on patches of the config's ``shape``, validated and predicted
+  whole by sliding windows (``loss_protocol.task_config``). 108 cases each:
+  36 train, 24 validation, 48 test (``split_counts``).
 * Settings: phase 1 pre-trains the U-Net of ``configs/compare_losses.json``
   with Dice; from its best checkpoint phase 2 fine-tunes with the same epochs
   and learning rate once per setting: Dice alone, and Dice plus λ times each
@@ -80,20 +86,24 @@ DEFAULT_OUT = reproduce.ROOT / "out" / "compare_losses"
 VARIANTS = protocol.VARIANTS
 
 
-def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
+def compare(*, config_path=DEFAULT_CONFIG, tasks=None, seeds=None,
             out=DEFAULT_OUT, quick=False, resume=False,
             num_cases=protocol.NUM_CASES, cache_dir=None, progress=True,
             command=None) -> dict:
   """The whole comparison; returns what ``results.json`` holds.
 
   ``seeds`` (evaluation seeds) default to ``loss_protocol.EVAL_SEEDS``, or
-  (1,) with ``quick``, which also runs 2 + 2 epochs and λ0 alone.
+  (1,) with ``quick``, which also runs 2 + 2 epochs and λ0 alone; ``tasks``
+  to ``loss_protocol.default_tasks(quick)`` (with ``quick``, not the
+  vessels).
   ``command`` is recorded in the results, as given.
   """
   started = time.perf_counter()
   load = os.getloadavg()[0]
   if seeds is None:
     seeds = (1,) if quick else protocol.EVAL_SEEDS
+  if tasks is None:
+    tasks = protocol.default_tasks(quick)
   if not seeds or protocol.TUNING_SEED in seeds:
     raise ValueError(f"--seeds: give at least one seed, none of them the "
                      f"tuning seed {protocol.TUNING_SEED}; got {list(seeds)}")
@@ -118,12 +128,12 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
     task_began = time.perf_counter()
     task_out = out / task
     task_dir = task_out / "data" / f"Task00_{task.capitalize()}"
-    synth = dataclasses.replace(synthetic.TASKS[task], shape=config.shape,
-                                num_cases=num_cases)
+    synth = protocol.task_synth(task, config, num_cases=num_cases)
+    task_config = protocol.task_config(config, task)
     if not (task_dir / "dataset.json").is_file():
       synthetic.generate_task(task_dir, synth, overwrite=resume,
                               progress=progress)
-    dataset = data.load_dataset(task_dir, config.preprocess_config(),
+    dataset = data.load_dataset(task_dir, task_config.preprocess_config(),
                                 cache_dir=cache_dir, progress=progress)
     num_val, num_test = protocol.split_counts(num_cases)
     split = data.make_split([c.case_id for c in dataset.task.cases],
@@ -132,7 +142,7 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
     if progress:
       print(f"=== task {task}: λ search on seed {protocol.TUNING_SEED} ===",
             flush=True)
-    tuning = loss_runs.tune(config, dataset, split, task_dir,
+    tuning = loss_runs.tune(task_config, dataset, split, task_dir,
                             task_out / "tuning", grid=grid,
                             max_values=max_values, cache_dir=cache_dir,
                             progress=progress)
@@ -143,12 +153,14 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
       if progress:
         print(f"=== task {task}, seed {seed} ===", flush=True)
       per_seed[seed] = loss_runs.evaluate_seed(
-          dataclasses.replace(config, seed=seed), dataset, split, task_dir,
-          task_out / f"seed{seed}", weights=weights, cache_dir=cache_dir,
-          progress=progress)
+          dataclasses.replace(task_config, seed=seed), dataset, split,
+          task_dir, task_out / f"seed{seed}", weights=weights,
+          cache_dir=cache_dir, progress=progress)
     arrays = loss_tables.per_case_arrays(per_seed, names)
     results["tasks"][task] = {
         "synthetic": dataclasses.asdict(synth),
+        **({"config": task_config.to_json()} if task_config != config
+           else {}),
         "split": dataclasses.asdict(split), "tuning": tuning,
         "weights": weights, "table": loss_tables.summarise(per_seed, names),
         "paired": paired.compare_settings(
@@ -157,7 +169,7 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=protocol.TASKS, seeds=None,
         "per_seed": {str(s): {names[d]: v for d, v in runs.items()}
                      for s, runs in per_seed.items()}}
     loss_tables.projections(
-        dataclasses.replace(config, seed=seeds[0]), dataset, split,
+        dataclasses.replace(task_config, seed=seeds[0]), dataset, split,
         task_out / f"seed{seeds[0]}", names,
         out / f"{task}_projections.png", task)
     results["minutes"][task] = {
@@ -204,9 +216,10 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                       help="TrainConfig JSON (default: configs/"
                       "compare_losses.json)")
-  parser.add_argument("--tasks", nargs="+", default=list(protocol.TASKS),
-                      choices=sorted(synthetic.TASKS),
-                      help="built-in synthetic tasks (default: all three)")
+  parser.add_argument("--tasks", nargs="+", choices=sorted(synthetic.TASKS),
+                      help="built-in synthetic tasks (default: "
+                      f"{' '.join(protocol.TASKS)}; with --quick, "
+                      f"{' '.join(protocol.default_tasks(True))})")
   parser.add_argument("--seeds", type=int, nargs="+",
                       help="evaluation seeds (default 1 2 3 4 5; 1 with "
                       f"--quick); seed {protocol.TUNING_SEED} tunes λ")
@@ -229,7 +242,8 @@ def main(argv=None) -> int:
                     str(pathlib.Path(args.out) / "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   try:
-    compare(config_path=args.config, tasks=tuple(args.tasks),
+    compare(config_path=args.config,
+            tasks=None if args.tasks is None else tuple(args.tasks),
             seeds=args.seeds, out=args.out, quick=args.quick,
             resume=args.resume, num_cases=args.num_cases,
             cache_dir=args.cache_dir,

@@ -12,9 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 
+from topojax import synthetic
 from topojax import train
 
-TASKS = ("components", "loops", "branches")
+TASKS = ("components", "loops", "branches", "vessels")
+# Tasks whose volumes are larger than the network's input: generated at
+# their own shape, trained on patches of the config's ``shape`` and
+# validated and predicted by sliding windows (nnU-Net's protocol,
+# ``task_config``); the others are resized to the config's ``shape`` and
+# trained whole (the paper's).
+PATCH_TASKS = ("vessels",)
+VESSEL_SHAPE = (64, 64, 64)
+# Per training case and epoch: the vessels' epochs take as many steps as
+# the whole-volume tasks' take times this.
+PATCHES_PER_CASE = 2
 # 36 train, 24 validation, 48 test (split_counts): enough validation cases
 # on the tuning seed for the λ rule to see a topology error at all.
 NUM_CASES = 108
@@ -37,6 +48,38 @@ def split_counts(num_cases: int) -> tuple[int, int]:
   108 cases give 36 / 24 / 48: 24 validation cases for the λ rule and 48
   test cases for the paired tests."""
   return max(1, round(num_cases * 2 / 9)), max(1, round(num_cases * 4 / 9))
+
+
+def default_tasks(quick: bool) -> tuple[str, ...]:
+  """The tasks a comparison runs unless told: all of ``TASKS``; a
+  ``--quick`` smoke run leaves out ``PATCH_TASKS``, whose sliding windows
+  over whole volumes cost minutes even for 2 + 2 epochs."""
+  return tuple(t for t in TASKS if not (quick and t in PATCH_TASKS))
+
+
+def task_config(config: train.TrainConfig, task: str, *,
+                shape=VESSEL_SHAPE) -> train.TrainConfig:
+  """The config a task trains with: ``config`` itself for a whole-volume
+  task; for one of ``PATCH_TASKS``, the cases in their own ``shape`` (no
+  resizing) and patches of ``config.shape`` (``PATCHES_PER_CASE`` per case
+  and epoch, a third of each batch on foreground, windows overlapping by
+  ``config.overlap``)."""
+  if task not in PATCH_TASKS:
+    return config
+  if config.shape is None or any(p > s for p, s in zip(config.shape, shape)):
+    raise ValueError(f"config: shape {config.shape} must be a patch that "
+                     f"fits the {task} task's volumes of {tuple(shape)}")
+  return dataclasses.replace(config, shape=None, patch_size=config.shape,
+                             patches_per_case=PATCHES_PER_CASE)
+
+
+def task_synth(task: str, config: train.TrainConfig, *, num_cases: int,
+               shape=VESSEL_SHAPE) -> synthetic.SynthConfig:
+  """The synthetic task ``task`` as the comparison generates it: at
+  ``shape`` for one of ``PATCH_TASKS``, else at ``config.shape``."""
+  return dataclasses.replace(
+      synthetic.TASKS[task], num_cases=num_cases,
+      shape=tuple(shape) if task in PATCH_TASKS else config.shape)
 
 
 def weighted(config: train.TrainConfig, weight: float) -> train.TrainConfig:

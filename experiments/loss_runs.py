@@ -22,6 +22,7 @@ import numpy as np
 from experiments import loss_protocol as protocol
 from experiments import paired
 from experiments import reproduce
+from topojax import data
 from topojax import evaluate
 from topojax import predict
 from topojax import train
@@ -37,22 +38,48 @@ def epoch_seconds(phase_dir: pathlib.Path) -> float:
 
 
 def _phase1_logits(config, dataset, rows, phase1):
-  """Logits of phase 1's best model on the cases ``rows`` and the targets
-  of every loss (``train.steps.training_targets``), per batch."""
+  """Logits of phase 1's best model on what the train step sees of the
+  cases ``rows`` (``_training_batches``) and the targets of every loss
+  (``train.steps.training_targets``), per batch."""
   import jax
   from flax import nnx
 
   model_def, state = predict.restore_best(
-      phase1, config, in_channels=dataset.images.shape[-1],
-      out_channels=dataset.labels.shape[-1])
+      phase1, config, in_channels=dataset.in_channels,
+      out_channels=dataset.out_channels)
   model = nnx.merge(model_def, state)
   model.eval()
+  for images, targets in _training_batches(config, dataset, rows):
+    yield jax.block_until_ready(model(images)), targets
+
+
+def _training_batches(config, dataset, rows):
+  """``(images, {loss: targets})`` batches of the cases ``rows`` as the
+  train step reads them: whole cases, in order, or for a run on patches
+  one patch of each case, as its first epoch draws them
+  (``data.iterate_patches``, seed ``config.seed``; a loss's targets
+  cropped with the image, as training crops them)."""
   targets = {loss: train.steps.training_targets(loss, dataset.labels, rows)
              for loss in protocol.VARIANTS.values()}
-  for first in range(0, len(rows), config.batch_size):
-    batch = list(rows[first:first + config.batch_size])
-    logits = jax.block_until_ready(model(dataset.images[batch]))
-    yield logits, {loss: t[batch] for loss, t in targets.items()}
+  if config.patch_size is None:
+    for first in range(0, len(rows), config.batch_size):
+      batch = list(rows[first:first + config.batch_size])
+      yield (dataset.images[batch],
+             {loss: t[batch] for loss, t in targets.items()})
+    return
+  start_channel = 0 if dataset.out_channels == 1 else 1
+  wanted = {int(row) for row in rows}
+  foreground = [data.foreground_voxels(dataset.labels[row],
+                                       start_channel=start_channel, seed=row)
+                if row in wanted else np.zeros((0, 3), np.int64)
+                for row in range(len(dataset.case_ids))]
+  losses = list(targets)
+  for images, *cropped in data.iterate_patches(
+      (dataset.images, *targets.values()), foreground, rows,
+      patch_size=config.patch_size, batch_size=config.batch_size,
+      foreground_fraction=config.foreground_fraction, seed=config.seed,
+      epoch=0):
+    yield images, dict(zip(losses, cropped))
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,8 +94,9 @@ def _loss_step(loss: str, dice_weight: float, kernel_sizes: tuple[int, ...]):
 
 def loss_scales(config, dataset, split, phase1) -> dict[str, dict]:
   """Each topological loss's λ0: the power of ten nearest to
-  ‖∇L_dice‖ / ‖∇L_topo‖ over the training cases (logit gradients of phase
-  1's best model), and the two norms. A loss without gradient there gets 1.
+  ‖∇L_dice‖ / ‖∇L_topo‖ over the training cases, or one patch of each for
+  a run on patches (logit gradients of phase 1's best model), and the two
+  norms. A loss without gradient there gets 1.
   """
   squares = {loss: 0.0 for loss in protocol.VARIANTS.values()}
   for logits, targets in _phase1_logits(config, dataset,

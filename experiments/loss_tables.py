@@ -135,7 +135,9 @@ def write(results, names, config, out: pathlib.Path, *, progress) -> None:
   minutes = results["minutes"]
   e1, e2 = config.phase1.epochs, config.phase2.epochs
   text = [f"# Topology losses compared: {len(results['seeds'])} evaluation "
-          f"seed(s), {config.shape} voxels, {e1} + {e2} epochs; "
+          f"seed(s), a network on {'×'.join(map(str, config.shape))} "
+          f"voxels (whole volumes, or patches where a task says so), "
+          f"{e1} + {e2} epochs; "
           f"{minutes['total']:.1f} min", "",
           f"Command: `{results['command']}`; machine: {results['machine']}; "
           f"load {results['load_at_start']:.2f} at the start.", ""]
@@ -145,6 +147,7 @@ def write(results, names, config, out: pathlib.Path, *, progress) -> None:
              f"{len(split['val'])} validation, {len(split['test'])} test "
              f"cases ({minutes[task]['tuning']:.1f} min tuning, "
              f"{minutes[task]['evaluation']:.1f} min evaluation)", "",
+             *_protocol_line(result),
              tuning_markdown(result["tuning"], names["dice_ft"]),
              reproduce.markdown(result["table"], seeds=results["seeds"],
                                 columns=COLUMNS, header="").lstrip(),
@@ -183,6 +186,20 @@ def write(results, names, config, out: pathlib.Path, *, progress) -> None:
     print(f"written to {out}: table.md, results.json, intervals.png, "
           "curves.png, topology_vs_time.png, "
           + ", ".join(f"{t}_projections.png" for t in results["tasks"]))
+
+
+def _protocol_line(result: dict) -> list[str]:
+  """For a task trained on patches (its own ``"config"``), how: the lines
+  to put under its heading; none for a whole-volume task."""
+  config = result.get("config")
+  if config is None:
+    return []
+  volume, patch = ("×".join(map(str, shape)) for shape in (
+      result["synthetic"]["shape"], config["patch_size"]))
+  return [f"Volumes of {volume} voxels, trained on {patch} patches "
+          f"({config['patches_per_case']} per case and epoch), validated "
+          "and predicted whole by sliding windows (overlap "
+          f"{config['overlap']:g}, Gaussian blending).", ""]
 
 
 def _scaled(stat: dict[str, float], factor: float) -> dict[str, float]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -44,6 +45,7 @@ from topojax import metrics
 from topojax import predict
 from topojax import synthetic
 from topojax import train
+from topojax import windows
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "synthetic.json"
@@ -175,10 +177,22 @@ def probabilities_on_test_cases(config, dataset, split,
   for directory, name in names.items():
     model_def, state = predict.restore_best(
         predict.phase_dir(seed_dir / directory), config,
-        in_channels=images.shape[-1], out_channels=dataset.labels.shape[-1])
-    probs[name] = np.stack(predict.segment(
-        model_def, state, images, batch_size=config.batch_size))[..., -1]
+        in_channels=images.shape[-1], out_channels=dataset.out_channels)
+    probs[name] = _probabilities(config, model_def, state, images)[..., -1]
   return images, labels, probs
+
+
+def _probabilities(config, model_def, state, images) -> np.ndarray:
+  """``(N, X, Y, Z, C_out)`` probabilities of preprocessed cases: whole
+  for a run trained on whole volumes, by sliding windows (as its
+  validation and ``predict`` do it) for a run trained on patches."""
+  if config.patch_size is None:
+    return np.stack(predict.segment(model_def, state, images,
+                                    batch_size=config.batch_size))
+  return np.asarray(windows.sliding_window(
+      functools.partial(train.steps.make_forward(model_def), state), images,
+      patch_size=config.patch_size, overlap=config.overlap,
+      batch_size=config.batch_size))
 
 
 def figures(config, dataset, split, out: pathlib.Path, seed_dir: pathlib.Path,

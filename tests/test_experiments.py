@@ -13,10 +13,12 @@ from experiments import figures
 from experiments import loss_protocol
 from experiments import loss_runs
 from experiments import loss_tables
+from experiments import paired
 from experiments import reproduce
 from topojax import data
 from topojax import evaluate
 from topojax import losses
+from topojax import synthetic
 from topojax import train
 
 TINY = train.TrainConfig(
@@ -382,3 +384,184 @@ def test_comparison_refuses_unknown_tasks_and_used_folders(quick_comparison):
     compare_losses.compare(tasks=("spirals",), out=root / "other")
   with pytest.raises(FileExistsError, match="--resume"):
     compare_losses.compare(tasks=("loops",), out=root / "out", quick=True)
+
+
+@pytest.mark.parametrize("task", loss_protocol.TASKS)
+def test_only_patch_tasks_leave_the_whole_volume_protocol(task):
+  config = loss_protocol.task_config(TINY, task)
+  synth = loss_protocol.task_synth(task, TINY, num_cases=12)
+  assert synth.num_cases == 12
+  if task not in loss_protocol.PATCH_TASKS:
+    # The whole-volume tasks as before: resized to the config's shape.
+    assert config is TINY and synth.shape == TINY.shape
+    return
+  assert synth.shape == loss_protocol.VESSEL_SHAPE
+  assert (config.shape, config.patch_size) == (None, TINY.shape)
+  assert config.patches_per_case == loss_protocol.PATCHES_PER_CASE
+  assert dataclasses.replace(
+      config, shape=TINY.shape, patch_size=None,
+      patches_per_case=TINY.patches_per_case) == TINY
+  with pytest.raises(ValueError, match="must be a patch that fits"):
+    loss_protocol.task_config(TINY, task, shape=(8, 64, 64))
+
+
+def test_comparison_gives_vessels_the_patch_protocol(tmp_path, monkeypatch):
+  """``compare``'s wiring, with the runs replaced by made-up results: the
+  vessels task is generated at its own shape and trained on patches, the
+  other tasks as before."""
+  seen = {}
+
+  def tune(config, dataset, split, task_dir, tune_dir, **_):
+    seen[task_dir.name] = (config, dataset.case_shapes[0])
+    return {"seed": 0, "max_values": 1,
+            "baseline": {"dice": 0.5, "betti_error": 1.0},
+            "losses": {loss: {"scale": 1.0, "chosen": 1.0, "capped": False,
+                              "grid": [{"lambda": 1.0, "dice": 0.5,
+                                        "betti_error": 1.0}]}
+                       for loss in loss_protocol.TOPOLOGY_LOSSES}}
+
+  def evaluate_seed(config, dataset, split, task_dir, seed_dir, **_):
+    assert seen[task_dir.name][0] == dataclasses.replace(config, seed=0)
+    rng = np.random.default_rng(config.seed)
+    keys = set(paired.METRICS) | {k for k, _ in loss_tables.COLUMNS}
+    return {d: {"cases": [{"case": c, **{k: float(rng.random())
+                                         for k in keys}}
+                          for c in split.test],
+                "curve": [0.5, 0.6], "seconds_per_epoch": 1.0,
+                "loss_ms": 1.0}
+            for d in ("phase1", *compare_losses.VARIANTS)}
+
+  monkeypatch.setattr(loss_runs, "tune", tune)
+  monkeypatch.setattr(loss_runs, "evaluate_seed", evaluate_seed)
+  monkeypatch.setattr(loss_tables, "projections",
+                      lambda config, *a: seen.__setitem__(a[-1], config))
+  config = tmp_path / "tiny.json"
+  config.write_text(json.dumps(TINY.to_json()))
+  results = compare_losses.compare(
+      config_path=config, out=tmp_path / "out", quick=True, num_cases=7,
+      tasks=("loops", "vessels"), cache_dir=tmp_path / "cache",
+      progress=False)
+  quick = reproduce.quick_config(TINY)
+  loops, loops_shape = seen["Task00_Loops"]
+  assert loops == quick and loops_shape == TINY.shape
+  assert "config" not in results["tasks"]["loops"]
+  vessels, vessels_shape = seen["Task00_Vessels"]
+  assert vessels_shape == loss_protocol.VESSEL_SHAPE
+  assert vessels == loss_protocol.task_config(quick, "vessels")
+  assert (vessels.shape, vessels.patch_size) == (None, TINY.shape)
+  assert seen["vessels"] == dataclasses.replace(vessels, seed=1)
+  assert seen["loops"] == dataclasses.replace(quick, seed=1)
+  result = results["tasks"]["vessels"]
+  assert result["config"]["patch_size"] == list(TINY.shape)
+  assert tuple(result["synthetic"]["shape"]) == loss_protocol.VESSEL_SHAPE
+  assert tuple(result["synthetic"]["kinds"]) == ("vessel",)
+  text = (tmp_path / "out" / "table.md").read_text()
+  assert "## Task 'vessels'" in text
+  assert "a network on 16×16×16 voxels (whole volumes, or patches" in text
+  assert ("Volumes of 64×64×64 voxels, trained on 16×16×16 patches (2 per "
+          "case and epoch)") in text
+  assert text.count("Volumes of") == 1  # Not under the loops task.
+
+
+def test_quick_comparisons_leave_out_the_vessels_by_default():
+  assert loss_protocol.default_tasks(quick=False) == (
+      "components", "loops", "branches", "vessels")
+  assert loss_protocol.default_tasks(quick=True) == (
+      "components", "loops", "branches")
+
+
+@pytest.fixture(scope="module")
+def vessel_run(tmp_path_factory):
+  """Phase 1 of a run on patches of a few vessel cases, 2 epochs."""
+  root = tmp_path_factory.mktemp("vessels")
+  config = reproduce.quick_config(loss_protocol.task_config(TINY, "vessels"))
+  task_dir = synthetic.generate_task(
+      root / "Task00_Vessels",
+      loss_protocol.task_synth("vessels", config, num_cases=7),
+      progress=False)
+  dataset = data.load_dataset(task_dir, config.preprocess_config(),
+                              cache_dir=root / "cache", progress=False)
+  split = data.make_split(dataset.case_ids, num_val=1, num_test=2, seed=0)
+  train.train_phase(config, dataset, split, root / "seed1" / "phase1",
+                    phase=1, progress=False)
+  return root / "seed1", config, dataset, split
+
+
+def test_patch_run_probabilities_come_from_sliding_windows(vessel_run):
+  # What the λ tie-break and the projections read of a run on patches: the
+  # whole cases predicted window by window, as topojax.Segmenter does it,
+  # never resized to the patch.
+  from topojax import predict
+
+  seed_dir, config, dataset, split = vessel_run
+  images, labels, probs = reproduce.probabilities_on_test_cases(
+      config, dataset, split, seed_dir, {"phase1": "run"})
+  assert probs["run"].shape == labels.shape == (
+      len(split.test), *loss_protocol.VESSEL_SHAPE)
+  expected = predict.Segmenter.from_run(seed_dir / "phase1").forward(images)
+  np.testing.assert_allclose(probs["run"], expected[..., -1], atol=1e-6)
+  error = loss_runs.betti_matching_error(config, dataset, split,
+                                         seed_dir / "phase1")
+  assert math.isfinite(error) and error >= 0
+
+
+def test_loss_scales_of_a_patch_run_see_training_patches(vessel_run):
+  seed_dir, config, dataset, split = vessel_run
+  rows = dataset.indices(split.train)
+  batches = list(loss_runs._training_batches(config, dataset, rows))
+  assert len(batches) == len(rows) // config.batch_size
+  images, targets = batches[0]
+  assert images.shape == (config.batch_size, *TINY.shape, 1)
+  assert set(targets) == set(compare_losses.VARIANTS.values())
+  # Skeleton Recall's tubed skeleton travels with the label as a channel.
+  assert targets["skeleton_recall"].shape[-1] == 2
+  np.testing.assert_array_equal(targets["skeleton_recall"][..., :1],
+                                targets["dice"])
+  scales = loss_runs.loss_scales(config, dataset, split, seed_dir / "phase1")
+  assert set(scales) == set(loss_protocol.TOPOLOGY_LOSSES)
+  for loss, scale in scales.items():
+    assert scale["dice_grad_norm"] > 0, loss
+    assert math.log10(scale["scale"]) == round(math.log10(scale["scale"]))
+
+
+def test_vessels_pilot_quick_mode_records_breaks_and_costs(tmp_path):
+  from experiments import vessels_pilot
+
+  config = tmp_path / "tiny.json"
+  config.write_text(json.dumps(TINY.to_json()))
+  results = vessels_pilot.pilot(out=tmp_path / "pilot", config_path=config,
+                                num_cases=10, quick=True,
+                                cache_dir=tmp_path / "cache", progress=False)
+  assert json.loads((tmp_path / "pilot" / "pilot.json").read_text()) == (
+      json.loads(json.dumps(evaluate.json_ready(results))))
+  num_test = loss_protocol.split_counts(10)[1]
+  for run in results["runs"].values():
+    assert len(run["cases"]) == num_test
+    assert run["mean"]["breaks"] == pytest.approx(
+        np.mean([c["breaks"] for c in run["cases"]]))
+    assert 0 < run["epochs"]["train_s"] < run["epochs"]["epoch_s"]
+  # Overlap 0 tiles a 64³ volume with (64 / 16)³ windows of 16³; overlap
+  # 0.5 starts one every 8 voxels: 7 per axis.
+  assert results["validation"]["0"]["windows_per_case"] == 4 ** 3
+  assert results["validation"]["0.5"]["windows_per_case"] == 7 ** 3
+
+
+def test_study_minutes_count_every_epoch_of_the_protocol():
+  from experiments import vessels_pilot
+
+  config = train.load_config(compare_losses.DEFAULT_CONFIG)  # 8 + 4 epochs.
+  minutes = vessels_pilot.study_minutes(
+      config, train_s=6.0, validate_s=12.0, test_s=30.0, num_val=24,
+      num_test=48, weights_per_loss=3)
+  # λ search: phase 1, Dice fine-tuning, 7 losses × 3 λ; 5 seeds × (phase
+  # 1 + 8 settings).
+  epochs = 8 + 4 * (1 + 21) + 5 * (8 + 8 * 4)
+  assert minutes["epochs"] == epochs == 296
+  assert minutes["training_steps"] == pytest.approx(epochs * 6 / 60)
+  assert minutes["validation"] == pytest.approx(epochs * 12 / 60)
+  # 22 runs on 24 validation cases, 45 on 48 test cases.
+  assert minutes["test_and_tuning_evaluation"] == pytest.approx(
+      (22 / 2 + 45) * 30 / 60)
+  assert minutes["total"] == pytest.approx(
+      sum(minutes[k] for k in ("training_steps", "validation",
+                               "test_and_tuning_evaluation")))
