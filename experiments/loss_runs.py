@@ -67,12 +67,7 @@ def _training_batches(config, dataset, rows):
       yield (dataset.images[batch],
              {loss: t[batch] for loss, t in targets.items()})
     return
-  start_channel = 0 if dataset.out_channels == 1 else 1
-  wanted = {int(row) for row in rows}
-  foreground = [data.foreground_voxels(dataset.labels[row],
-                                       start_channel=start_channel, seed=row)
-                if row in wanted else np.zeros((0, 3), np.int64)
-                for row in range(len(dataset.case_ids))]
+  foreground = data.case_foreground(dataset.labels, rows)
   losses = list(targets)
   for images, *cropped in data.iterate_patches(
       (dataset.images, *targets.values()), foreground, rows,

@@ -113,3 +113,19 @@ def test_arrays_of_different_shapes_are_refused():
                             [np.zeros((0, 3), int)] * 2, [0, 1],
                             patch_size=(8, 8, 8), batch_size=1, seed=0,
                             epoch=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_case_foreground_samples_the_rows_asked_for(channels):
+  labels = []
+  for i in range(3):
+    # Background everywhere (one-hot), then two voxels of the last class.
+    label = np.zeros((6, 5, 4, channels), np.float32)
+    label[..., 0] = channels > 1
+    label[i, 1:3, 2] = np.eye(channels)[-1]
+    labels.append(label)
+  foreground = patches.case_foreground(labels, [2, 0])
+  assert len(foreground) == 3 and foreground[1].shape == (0, 3)
+  for row in (0, 2):
+    np.testing.assert_array_equal(foreground[row],
+                                  [[row, 1, 2], [row, 2, 2]])

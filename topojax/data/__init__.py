@@ -76,6 +76,7 @@ from topojax.data.nifti import CaseMeta
 from topojax.data.nifti import _decode
 from topojax.data.nifti import _open_nifti
 from topojax.data.nifti import load_case
+from topojax.data.patches import case_foreground
 from topojax.data.patches import foreground_voxels
 from topojax.data.patches import iterate_patches
 from topojax.data.preprocessing import LABEL_MODES
@@ -94,7 +95,8 @@ from topojax.data.writer import write_prediction
 __all__ = (
     "LABEL_MODES", "PAPER_TASKS", "Case", "CaseArrays", "CaseMeta", "Dataset",
     "PreprocessConfig", "Split", "Task", "TaskProtocol", "as_label_map",
-    "case_grid", "default_split", "foreground_voxels", "image_order", "iterate_patches", "iterate_batches", "load_case", "load_dataset",
-    "make_split", "preprocess", "preprocess_image", "read_task", "resize",
+    "case_foreground", "case_grid", "default_split", "foreground_voxels",
+    "image_order", "iterate_batches", "iterate_patches", "load_case",
+    "load_dataset", "make_split", "preprocess", "preprocess_image", "read_task", "resize",
     "write_prediction",
 )

@@ -56,6 +56,30 @@ def foreground_voxels(label, *, start_channel: int = 0,
   return voxels
 
 
+def case_foreground(labels: Sequence, rows: Sequence[int]
+                    ) -> list[np.ndarray]:
+  """``foreground_voxels`` of the cases ``rows``, indexed by case.
+
+  Each sample is drawn with the case's row as its seed, so every process
+  and every resumed run has the same; the other cases get none.
+
+  Args:
+    labels: per case, ``(X, Y, Z, C)`` labels (``Dataset.labels``); one
+      channel is the foreground, several are one-hot with the background
+      first.
+    rows: the cases patches will be drawn from.
+
+  Returns:
+    One int64 ``(M, 3)`` array per case of ``labels``.
+  """
+  rows = {int(row) for row in rows}
+  start_channel = 0 if labels[0].shape[-1] == 1 else 1
+  return [foreground_voxels(labels[row], start_channel=start_channel,
+                            seed=row)
+          if row in rows else np.zeros((0, 3), np.int64)
+          for row in range(len(labels))]
+
+
 def patch_corners(case_shapes: Sequence[Sequence[int]],
                   foreground: Sequence[np.ndarray], indices: Sequence[int], *,
                   patch_size: Sequence[int], batch_size: int,

@@ -173,20 +173,6 @@ def _make_steps(job: _Phase, model_def: nnx.GraphDef,
   return train_step, eval_step
 
 
-def _foreground(dataset: data.Dataset, rows) -> list[np.ndarray]:
-  """Per row, the foreground voxels patches are centred on (training rows).
-
-  Drawn once per phase from the row number alone, so every process and
-  every resumed run has the same.
-  """
-  start_channel = 0 if dataset.out_channels == 1 else 1
-  rows = {int(row) for row in rows}
-  return [data.foreground_voxels(dataset.labels[row],
-                                 start_channel=start_channel, seed=row)
-          if row in rows else np.zeros((0, 3), np.int64)
-          for row in range(len(dataset.case_ids))]
-
-
 def _cache_sizes(*functions) -> list[int]:
   """How many times each jitted function has compiled so far."""
   # A jitted function's cache holds one executable per compilation.
@@ -400,7 +386,7 @@ def _train_phase(job: _Phase, stop: preemption.StopSignals
   targets = steps.training_targets(job.loss, dataset.labels, job.train_rows,
                                    normalize=config.normalize)
   foreground = (None if config.patch_size is None
-                else _foreground(dataset, job.train_rows))
+                else data.case_foreground(dataset.labels, job.train_rows))
   before = _cache_sizes(train_step, eval_step)
   try:
     epoch, stopped_early = _train_epochs(
