@@ -226,8 +226,8 @@ def main(argv=None) -> int:
   parser.add_argument("--cache-dir")
   args = parser.parse_args(argv)
   try:
-    pilot(out=args.out, config_path=args.config, shape=(args.shape,) * 3, overlap=args.overlap,
-          patches_per_case=args.patches_per_case, num_cases=args.num_cases,
+    pilot(out=args.out, config_path=args.config, shape=(args.shape,) * 3,
+          overlap=args.overlap, patches_per_case=args.patches_per_case, num_cases=args.num_cases,
           seed=args.seed, quick=args.quick, cache_dir=args.cache_dir)
   except (ValueError, FileNotFoundError, FileExistsError) as err:
     print(f"vessels_pilot: error: {err}", file=sys.stderr)
