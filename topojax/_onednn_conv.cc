@@ -77,12 +77,22 @@ memory::desc Any(const memory::dims& dims) {
   return memory::desc(dims, memory::data_type::f32, Tag::any);
 }
 
+// oneDNN's own scratchpad is per thread (its default build): a primitive
+// made on one of XLA's threads and run on another would use a buffer sized
+// for a different primitive, which crashed the kernel gradient when XLA
+// moved a device's work between threads. We pass the scratchpad ourselves.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training,
       dnnl::algorithm::convolution_direct, Plain(g.src, Tag::ndhwc),
       Any(g.weights), Plain(g.dst, Tag::ndhwc), g.strides, g.padding_low,
-      g.padding_high);
+      g.padding_high, UserScratchpad());
 }
 
 // The primitives of one geometry, made on first use.
@@ -114,13 +124,15 @@ const Primitives& Get(const Geometry& g, Pass pass) {
     p.input_desc = dnnl::convolution_backward_data::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct,
         Plain(g.src, Tag::ndhwc), Any(g.weights), Plain(g.dst, Tag::ndhwc),
-        g.strides, g.padding_low, g.padding_high, p.forward_desc);
+        g.strides, g.padding_low, g.padding_high, p.forward_desc,
+        UserScratchpad());
     p.backward_input = dnnl::convolution_backward_data(p.input_desc);
   } else if (pass == Pass::kKernel && !p.backward_kernel) {
     p.kernel_desc = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct,
         Plain(g.src, Tag::ndhwc), Any(g.weights), Plain(g.dst, Tag::ndhwc),
-        g.strides, g.padding_low, g.padding_high, p.forward_desc);
+        g.strides, g.padding_low, g.padding_high, p.forward_desc,
+        UserScratchpad());
     p.backward_kernel = dnnl::convolution_backward_weights(p.kernel_desc);
   }
   return p;
@@ -163,7 +175,8 @@ ffi::Error Guarded(std::initializer_list<size_t> ranks,
 
 // Runs `primitive` with the kernel argument `kernel_arg` given in the plain
 // dhwio layout, reordered to and from `kernel_desc` where they differ.
-void Execute(const dnnl::primitive& primitive, int kernel_arg,
+void Execute(const dnnl::primitive& primitive,
+             const memory::desc& scratchpad_desc, int kernel_arg,
              const memory::desc& kernel_desc, void* kernel,
              const memory::dims& kernel_dims, bool kernel_is_output,
              std::unordered_map<int, memory> args) {
@@ -172,6 +185,12 @@ void Execute(const dnnl::primitive& primitive, int kernel_arg,
   // --xla_force_host_platform_device_count) can deadlock libgomp.
   static std::mutex running;
   std::lock_guard<std::mutex> lock(running);
+  // So one scratchpad, grown to the largest convolution's, serves them all.
+  static std::vector<float> scratchpad;
+  const size_t floats = (scratchpad_desc.get_size() + 3) / 4;
+  if (scratchpad.size() < floats) scratchpad.resize(floats);
+  args.insert({DNNL_ARG_SCRATCHPAD,
+               memory(scratchpad_desc, Engine(), scratchpad.data())});
   dnnl::stream stream(Engine());
   memory plain(Plain(kernel_dims, Tag::dhwio), Engine(), kernel);
   if (kernel_desc == plain.get_desc()) {
@@ -214,7 +233,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                                   y->dimensions(), strides, padding_low,
                                   padding_high);
         const Primitives& p = Get(g, Pass::kForward);
-        Execute(p.forward, DNNL_ARG_WEIGHTS, p.forward_desc.weights_desc(),
+        Execute(p.forward, p.forward_desc.scratchpad_desc(),
+                DNNL_ARG_WEIGHTS, p.forward_desc.weights_desc(),
                 w.typed_data(), g.weights, false,
                 {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
                                        x.typed_data())},
@@ -235,8 +255,9 @@ ffi::Error BackwardInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                                   dy.dimensions(), strides, padding_low,
                                   padding_high);
         const Primitives& p = Get(g, Pass::kInput);
-        Execute(p.backward_input, DNNL_ARG_WEIGHTS,
-                p.input_desc.weights_desc(), w.typed_data(), g.weights, false,
+        Execute(p.backward_input, p.input_desc.scratchpad_desc(),
+                DNNL_ARG_WEIGHTS, p.input_desc.weights_desc(),
+                w.typed_data(), g.weights, false,
                 {{DNNL_ARG_DIFF_DST, memory(Plain(g.dst, Tag::ndhwc),
                                             Engine(), dy.typed_data())},
                  {DNNL_ARG_DIFF_SRC, memory(Plain(g.src, Tag::ndhwc),
@@ -273,7 +294,8 @@ ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
         const Primitives& p = Get(g, Pass::kKernel);
         std::vector<float> terms(samples * dw_size);
         for (int64_t n = 0; n < samples; ++n) {
-          Execute(p.backward_kernel, DNNL_ARG_DIFF_WEIGHTS,
+          Execute(p.backward_kernel, p.kernel_desc.scratchpad_desc(),
+                  DNNL_ARG_DIFF_WEIGHTS,
                   p.kernel_desc.diff_weights_desc(), &terms[n * dw_size],
                   g.weights, true,
                   {{DNNL_ARG_SRC, memory(Plain(g.src, Tag::ndhwc), Engine(),
