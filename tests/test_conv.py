@@ -65,6 +65,38 @@ def test_values_and_gradients_equal_xla_in_float64(x_shape, kernel_shape,
     np.testing.assert_allclose(g, e, rtol=0, atol=2e-6 * np.abs(e).max())
 
 
+# (input, kernel, strides) of a transposed convolution: the U-Net's 2×2×2
+# stride-2 up-convolution, and overlapping windows with uneven strides.
+TRANSPOSE_CASES = [
+    ((2, 3, 4, 2, 5), (2, 2, 2, 3, 5), (2, 2, 2)),
+    ((1, 3, 2, 4, 4), (3, 2, 3, 2, 4), (2, 1, 3)),
+]
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, strides", TRANSPOSE_CASES)
+def test_transpose_is_the_input_gradient_of_a_valid_convolution(
+    x_shape, kernel_shape, strides):
+  x, kernel = _random(x_shape, 0), _random(kernel_shape, 1)
+  got, vjp = jax.vjp(jax.jit(
+      lambda x, k: conv.conv3d_transpose(x, k, strides)), x, kernel)
+  cotangent = _random(got.shape, 2)
+  got_grads = vjp(cotangent)
+
+  def transpose(x, kernel):
+    # The definition: the transpose of y -> conv(y, kernel), as JAX's VJP.
+    y = jnp.zeros(got.shape, x.dtype)
+    return jax.vjp(lambda y: _lax(y, kernel, strides, "VALID"), y)[1](x)[0]
+
+  with jax.enable_x64(True):
+    expected, vjp64 = jax.vjp(transpose, x.astype(np.float64),
+                              kernel.astype(np.float64))
+    expected_grads = vjp64(cotangent.astype(np.float64))
+    expected, expected_grads = jax.device_get((expected, expected_grads))
+  assert got.shape == expected.shape and got.dtype == np.float32
+  for g, e in zip((got, *got_grads), (expected, *expected_grads)):
+    np.testing.assert_allclose(g, e, rtol=0, atol=2e-6 * np.abs(e).max())
+
+
 def test_repeated_calls_give_the_same_bits():
   x, kernel = _random((2, 12, 10, 8, 8), 0), _random((3, 3, 3, 8, 8), 1)
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv.conv3d(x, k))),
@@ -118,9 +150,13 @@ def test_negative_padding_is_refused():
                 padding=((-1, 0), (0, 0), (0, 0)))
 
 
-def test_mismatched_channels_are_refused():
+@pytest.mark.parametrize("function, kernel_shape", [
+    (conv.conv3d, (3, 3, 3, 2, 1)),
+    (conv.conv3d_transpose, (2, 2, 2, 1, 2)),
+])
+def test_mismatched_channels_are_refused(function, kernel_shape):
   with pytest.raises(ValueError, match="x must be .* got x"):
-    conv.conv3d(jnp.zeros((1, 4, 4, 4, 3)), jnp.zeros((3, 3, 3, 2, 1)))
+    function(jnp.zeros((1, 4, 4, 4, 3)), jnp.zeros(kernel_shape))
 
 
 def test_unavailable_says_so_once(caplog):
@@ -161,10 +197,13 @@ def test_train_step_equals_the_xla_path():
       losses.append(float(loss))
     return losses, jax.device_get(state["model"])
 
-  with mock.patch.object(conv, "conv3d", wraps=conv.conv3d) as native:
+  with mock.patch.object(conv, "conv3d", wraps=conv.conv3d) as native, \
+      mock.patch.object(conv, "conv3d_transpose",
+                        wraps=conv.conv3d_transpose) as up:
     losses, model = two_steps()
-  # 2 convolutions in each of 2 encoder blocks and 1 decoder block, the head.
-  assert native.call_count == 7
+  # 2 convolutions in each of 2 encoder blocks and 1 decoder block, the head;
+  # one up-convolution.
+  assert native.call_count == 7 and up.call_count == 1
   with mock.patch.object(conv, "available", return_value=False):
     xla_losses, xla_model = two_steps()
   np.testing.assert_allclose(losses, xla_losses, rtol=1e-5)
@@ -186,8 +225,10 @@ rng = np.random.default_rng(0)
 _SHARDED = _ON_DEVICES + """
 x = rng.normal(size=(4, 6, 5, 4, 3)).astype(np.float32)
 kernel = rng.normal(size=(3, 3, 3, 3, 2)).astype(np.float32)
+# Squares: terms of one sign, so that the value's error is float32's and not
+# a cancellation's (a sum of sines near 0 read as 1e-5 relative error).
 def loss(conv3d):
-  return lambda x, k: jnp.sum(jnp.sin(conv3d(x, k)))
+  return lambda x, k: jnp.sum(jnp.sin(conv3d(x, k)) ** 2)
 lax = lambda x, k: jax.lax.conv_general_dilated(
     x, k, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 step = jax.jit(jax.value_and_grad(loss(conv.conv3d), argnums=(0, 1)),
@@ -216,11 +257,15 @@ def test_a_batch_split_over_devices_is_convolved_per_device():
 _SPLIT_IN_TWO = _ON_DEVICES + """
 x = rng.normal(size=(4, 8, 7, 6, 3)).astype(np.float32)
 kernel = rng.normal(size=(3, 3, 3, 3, 5)).astype(np.float32)
-grad = lambda x, k: jax.grad(
-    lambda x, k: jnp.sum(jnp.sin(conv.conv3d(x, k))), argnums=(0, 1))(x, k)
+up = rng.normal(size=(2, 2, 2, 3, 5)).astype(np.float32)
+def grad(x, k, up):
+  return jax.grad(lambda x, k, up: jnp.sum(jnp.sin(conv.conv3d_transpose(
+      conv.conv3d(x, k), up, (2, 2, 2)))), argnums=(0, 1, 2))(x, k, up)
 # Fetched first: np.array_equal would read a failed computation as False.
-split = jax.device_get(jax.jit(grad, in_shardings=(batch, whole))(x, kernel))
-one = jax.device_get(jax.jit(grad, in_shardings=(whole, whole))(x, kernel))
+split = jax.device_get(
+    jax.jit(grad, in_shardings=(batch, whole, whole))(x, kernel, up))
+one = jax.device_get(
+    jax.jit(grad, in_shardings=(whole, whole, whole))(x, kernel, up))
 print(all(np.array_equal(a, b) for a, b in zip(split, one)))
 """
 
@@ -229,7 +274,8 @@ def test_a_batch_split_over_two_devices_gives_one_devices_bits():
   # What lets two processes of one device each reproduce one process of two
   # devices bit for bit (tests/test_train_loop.py): every case's values and
   # input gradient are computed alone, and the kernel gradient is the
-  # pairwise sum of per-case terms, which the two devices' sum repeats.
+  # pairwise sum of per-case terms, which the two devices' sum repeats;
+  # for the up-convolution too.
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   out = subprocess.run([sys.executable, "-c", _SPLIT_IN_TWO], env=env,
