@@ -90,8 +90,7 @@ def soak(loss: str, *, num_steps: int, shape, num_cases: int = 8
   model_def, state = steps.init_state(config, in_channels=1, out_channels=1,
                                       learning_rate=1e-4, mesh=mesh)
   train_step = steps.make_train_step(
-      model_def, mesh, loss=loss, learning_rate=1e-4,
-      dice_weight=config.dice_weight, kernel_sizes=config.kernel_sizes,
+      model_def, mesh, loss=loss, kernel_sizes=config.kernel_sizes,
       normalize=config.normalize)
   targets = steps.training_targets(loss, labels, range(num_cases))
   warm_up = max(num_steps // 10, 1)
@@ -103,7 +102,8 @@ def soak(loss: str, *, num_steps: int, shape, num_cases: int = 8
         epoch=epoch, flip_axes=(0,)):
       state, loss_value = train_step(state,
                                      steps.to_global(batch_images, sharding),
-                                     steps.to_global(batch_labels, sharding))
+                                     steps.to_global(batch_labels, sharding),
+                                     1e-4, config.dice_weight)
       float(loss_value)  # Waits for the step, host callbacks included.
       done += 1
       if done == 1:

@@ -101,8 +101,7 @@ def _jax_step(args):
   # A step of its own (not the factory's cached one), so that one process
   # can hold the step on oneDNN and on XLA's convolutions side by side.
   step = train.make_train_step.__wrapped__(
-      model_def, mesh, loss=args.loss, learning_rate=1e-3,
-      dice_weight=config.dice_weight, kernel_sizes=config.kernel_sizes)
+      model_def, mesh, loss=args.loss, kernel_sizes=config.kernel_sizes)
   images, labels = _random_batch(args)
   holder = {"state": state}
   native = contextlib.nullcontext
@@ -111,7 +110,8 @@ def _jax_step(args):
 
   def run():
     with native():  # read when the step is traced, at its first call
-      holder["state"], loss = step(holder["state"], images, labels)
+      holder["state"], loss = step(holder["state"], images, labels, 1e-3,
+                                   config.dice_weight)
     loss.block_until_ready()
 
   return run

@@ -235,8 +235,8 @@ def main(argv=None) -> int:
   parser.add_argument("--cache-dir", help="preprocessing cache (default "
                       "~/.cache/topojax)")
   args = parser.parse_args(argv)
-  # 162 phase-2 runs compile a handful of distinct steps: the persistent
-  # cache compiles each (loss, λ) once instead of once per run.
+  # One train step per loss serves all its λ and runs in a process; the
+  # persistent cache keeps them for a resumed run's new process.
   import jax
   jax.config.update("jax_compilation_cache_dir",
                     str(pathlib.Path(args.out) / "xla_cache"))

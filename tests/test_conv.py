@@ -189,11 +189,10 @@ def test_train_step_equals_the_xla_path():
                                         out_channels=1, learning_rate=1e-3,
                                         mesh=mesh)
     step = train.make_train_step.__wrapped__(
-        model_def, mesh, loss="dice", learning_rate=1e-3, dice_weight=1.0,
-        kernel_sizes=(4,))
+        model_def, mesh, loss="dice", kernel_sizes=(4,))
     losses = []
     for _ in range(2):
-      state, loss = step(state, images, labels)
+      state, loss = step(state, images, labels, 1e-3, 1.0)
       losses.append(float(loss))
     return losses, jax.device_get(state["model"])
 

@@ -20,6 +20,7 @@ import pytest
 
 from topojax import checkpoint
 from topojax import train
+from topojax.train import epoch as epoch_lib
 from topojax.train import steps
 from topojax.train import validation
 
@@ -360,12 +361,14 @@ def test_phase2_loss_override_gives_the_dice_baseline(run, task, cache,
     pass
 
   with mock.patch.object(steps, "make_train_step",
-                         side_effect=Stop) as make_step:
+                         wraps=steps.make_train_step) as make_step, \
+      mock.patch.object(epoch_lib, "train_epoch",
+                        side_effect=Stop) as train_epoch:
     with pytest.raises(Stop):
       train.train(CONFIG, task, tmp_path, phases=(2,), init=out / "phase1",
                   phase2_loss="dice", cache_dir=cache, progress=False)
   assert make_step.call_args.kwargs["loss"] == "dice"
-  assert make_step.call_args.kwargs["learning_rate"] == (
+  assert train_epoch.call_args.kwargs["learning_rate"] == (
       CONFIG.phase2.learning_rate)
   spec = json.loads((tmp_path / "phase2" / "config.json").read_text())
   assert (spec["phase"], spec["loss"]) == (2, "dice")

@@ -1,9 +1,12 @@
-"""Tests for topojax/train/steps.py: the training loss by name."""
+"""Tests for topojax/train/steps.py: the training loss by name, the step."""
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from topojax import losses
 from topojax import train
@@ -46,6 +49,33 @@ def test_make_loss():
           logits, labels), rtol=1e-6)
   with pytest.raises(ValueError, match="loss must be one of"):
     train.make_loss("tversky", dice_weight=1.0, kernel_sizes=(2,))
+  with pytest.raises(ValueError, match="dice_weight must be >= 0"):
+    train.make_loss("ppl", dice_weight=-1.0, kernel_sizes=(2,))
+
+
+def test_one_compiled_step_serves_every_learning_rate_and_weight():
+  config = train.TrainConfig(shape=(8, 8, 8), base_channels=4, depth=2,
+                             norm="group", batch_size=2, kernel_sizes=(4,))
+  mesh = train.data_mesh()
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
+  labels = (rng.random((2, 8, 8, 8, 1)) > 0.5).astype(np.float32)
+  model_def, state = train.init_state(config, in_channels=1, out_channels=1,
+                                      learning_rate=1e-3, mesh=mesh)
+  logits = nnx.merge(model_def, state["model"])(images)
+  step = train.make_train_step.__wrapped__(model_def, mesh, loss="ppl",
+                                           kernel_sizes=(4,))
+  for learning_rate, dice_weight in ((0.0, 1.0), (0.0, 3.0), (1e-2, 0.5)):
+    # The state is donated: each step gets a copy.
+    new, value = step(jax.tree.map(jnp.copy, state), images, labels,
+                      learning_rate, dice_weight)
+    expected = train.make_loss("ppl", dice_weight=dice_weight,
+                               kernel_sizes=(4,))(logits, labels)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    moved = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(new["model"]), jax.tree.leaves(state["model"]))]
+    assert any(moved) == (learning_rate > 0)
+  assert step._cache_size() == 1
 
 
 def test_a_prepared_target_reaches_the_loss_as_its_skeleton():

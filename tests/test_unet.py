@@ -146,6 +146,40 @@ def test_group_norm_uses_up_to_8_groups_dividing_the_width():
   assert model.encoder[1].norm1.num_groups == 8
 
 
+@pytest.mark.parametrize("shape, num_groups", [
+    ((2, 6, 5, 4, 16), 8), ((1, 4, 4, 4, 3), 3), ((3, 8, 8, 8, 8), 4),
+    ((1, 3, 5, 7, 6), 1)])
+def test_group_norm_is_flax_group_norm(shape, num_groups):
+  rng = np.random.default_rng(sum(shape))
+  x = jnp.asarray(3 * rng.normal(size=shape) + 1, jnp.float32)
+  weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  ours = unet.GroupNorm(shape[-1], num_groups=num_groups, rngs=nnx.Rngs(0))
+  flax = nnx.GroupNorm(shape[-1], num_groups=num_groups, rngs=nnx.Rngs(0))
+  # The same parameters, drawn from the same keys.
+  for a, b in zip(jax.tree.leaves(nnx.state(ours)),
+                  jax.tree.leaves(nnx.state(flax))):
+    np.testing.assert_array_equal(a, b)
+  for norm in (ours, flax):
+    norm.scale[...] = jnp.arange(1, shape[-1] + 1, dtype=jnp.float32) / 4
+    norm.bias[...] = jnp.linspace(-1, 1, shape[-1], dtype=jnp.float32)
+
+  def loss(norm, x):
+    return jnp.sum(weights * jax.nn.relu(norm(x)))
+
+  (value, grads), (flax_value, flax_grads) = (
+      nnx.value_and_grad(loss, argnums=(0, 1))(norm, x)
+      for norm in (ours, flax))
+  np.testing.assert_allclose(ours(x), flax(x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(value, flax_value, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(flax_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_rejects_groups_not_dividing_the_channels():
+  with pytest.raises(ValueError, match="num_groups .3. must divide channels"):
+    unet.GroupNorm(8, num_groups=3, rngs=nnx.Rngs(0))
+
+
 def test_cpu_planes_and_3d_convolution_give_the_same_network():
   model = _build(in_channels=1, out_channels=1, base_channels=4, depth=2)
   x = _random((1, 8, 8, 8, 1))

@@ -5,7 +5,8 @@ several times slower than oneDNN, the library behind PyTorch's CPU
 convolutions (``benchmarks/RESULTS.md``). ``conv3d`` calls oneDNN from inside
 a jit-compiled step through XLA's FFI: a ``jax.custom_vjp`` whose forward,
 input gradient and kernel gradient are each one custom call on the
-channels-last arrays, without layout copies.
+channels-last arrays, without layout copies. ``conv3d_transpose``, its
+transpose (the U-Net's up-convolution), reuses the same three calls.
 
 The native part (``topojax/_onednn_conv.cc``) is built by ``pip install``
 against the ``onednn-cpu-gomp`` wheel. Where it is missing (no compiler at
@@ -127,14 +128,20 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides=(1, 1, 1),
   """
   if not available():
     raise RuntimeError(f"oneDNN convolutions unavailable: {_native()}")
-  if x.ndim != 5 or kernel.ndim != 5 or x.shape[-1] != kernel.shape[3]:
-    raise ValueError(f"x must be (N, X, Y, Z, C) and kernel (kx, ky, kz, C, "
-                     f"C_out), got x {x.shape} and kernel {kernel.shape}")
+  _check_channels(x, kernel, kernel_axis=3)
   strides = tuple(int(s) for s in strides)
   pads = _explicit_padding(padding, x.shape[1:4], kernel.shape[:3], strides)
   if any(lo < 0 or hi < 0 for lo, hi in pads):
     raise ValueError(f"padding must be non-negative, got {padding}")
   return _conv(x, kernel, strides, pads)
+
+
+def _check_channels(x, kernel, *, kernel_axis: int) -> None:
+  if x.ndim != 5 or kernel.ndim != 5 or x.shape[-1] != kernel.shape[
+      kernel_axis]:
+    raise ValueError(
+        f"x must be (N, X, Y, Z, C) and kernel 5D with C on its axis "
+        f"{kernel_axis}, got x {x.shape} and kernel {kernel.shape}")
 
 
 def _attributes(strides, pads):
@@ -228,3 +235,56 @@ def _conv_backward(strides, pads, saved, grad):
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
+
+
+def conv3d_transpose(x: jax.Array, kernel: jax.Array,
+                     strides=(2, 2, 2)) -> jax.Array:
+  """The transpose of a 'VALID' ``conv3d``, by oneDNN: an up-convolution.
+
+  ``conv3d(·, kernel, strides, "VALID")`` maps ``(N, S_x, S_y, S_z, C_out)``
+  to ``x``'s shape; this is its transpose (its input gradient), so that
+  ``S = strides · (X - 1) + k`` on each side. With ``kernel`` sides equal to
+  ``strides`` the windows do not overlap: output voxel ``s·p + o`` is input
+  voxel ``p`` times tap ``o`` (the U-Net's ``2×2×2`` stride-2
+  up-convolution). Call it only where ``supported`` holds for ``conv3d``.
+
+  Args:
+    x: ``(N, X, Y, Z, C_in)`` float32.
+    kernel: ``(kx, ky, kz, C_out, C_in)`` float32, the kernel of the
+      convolution it transposes (``DHWIO`` from the output's side).
+    strides: three positive ints.
+
+  Returns:
+    ``(N, S_x, S_y, S_z, C_out)``.
+  """
+  if not available():
+    raise RuntimeError(f"oneDNN convolutions unavailable: {_native()}")
+  _check_channels(x, kernel, kernel_axis=4)
+  return _transpose(x, kernel, tuple(int(s) for s in strides))
+
+
+_VALID = ((0, 0),) * 3
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _transpose(x, kernel, strides):
+  out = [s * (size - 1) + k for size, k, s in
+         zip(x.shape[1:4], kernel.shape[:3], strides)]
+  return _mapped(_INPUT, (x.shape[0], *out, kernel.shape[3]), strides,
+                 _VALID)(x, kernel)
+
+
+def _transpose_forward(x, kernel, strides):
+  return _transpose(x, kernel, strides), (x, kernel)
+
+
+def _transpose_backward(strides, saved, grad):
+  # The transposed convolution's gradients are the convolution's forward
+  # (for x) and its kernel gradient with the roles of input and output
+  # swapped.
+  x, kernel = saved
+  return (_mapped(_FORWARD, x.shape, strides, _VALID)(grad, kernel),
+          _mapped(_KERNEL, kernel.shape, strides, _VALID)(grad, x))
+
+
+_transpose.defvjp(_transpose_forward, _transpose_backward)

@@ -25,8 +25,12 @@ slow (``benchmarks/RESULTS.md``):
   summation order; other backends keep XLA's 3D convolution.
 * The up-convolution is a matrix product to ``8 · C_out`` channels followed by
   a depth-to-space reshape (``UpConv``), which is exactly a ``2×2×2``
-  stride-2 transposed convolution.
+  stride-2 transposed convolution; on CPU with the native part, oneDNN
+  computes it as one (``conv.conv3d_transpose``) with the same weights.
 * Max pooling is a reshape and a max over the ``2×2×2`` windows.
+* GroupNorm takes its statistics as sums over the voxels of each channel,
+  then over each group's channels (``GroupNorm``), where ``nnx.GroupNorm``
+  reduces a 6D reshape.
 """
 
 from __future__ import annotations
@@ -132,9 +136,59 @@ def _norm(kind: str, channels: int, rngs: nnx.Rngs) -> nnx.Module:
   if kind == "batch":
     return nnx.BatchNorm(channels, rngs=rngs)
   if kind == "group":
-    return nnx.GroupNorm(channels, num_groups=math.gcd(channels, _MAX_GROUPS),
-                         rngs=rngs)
+    return GroupNorm(channels, num_groups=math.gcd(channels, _MAX_GROUPS),
+                     rngs=rngs)
   return nnx.InstanceNorm(channels, rngs=rngs)
+
+
+class GroupNorm(nnx.Module):
+  """Group normalisation (Wu and He, ECCV 2018): ``nnx.GroupNorm``'s maths,
+  parameters and initialisation, with faster statistics on XLA's CPU.
+
+  Each case's channels are split into ``num_groups`` groups; every group is
+  normalised by its mean and variance over its voxels and channels, then
+  each channel is scaled and shifted (``scale``, ``bias``). The statistics
+  are sums over the voxels of ``(N, X·Y·Z, C)`` per channel, then over the
+  channels of a group; ``nnx.GroupNorm`` reduces a
+  ``(N, X, Y, Z, G, C / G)`` reshape over four axes, which XLA's CPU backend
+  runs about twice as slowly, forward and backward, at 2 × 64×64×48 × 16
+  channels (``benchmarks/RESULTS.md``). Results agree to float32 rounding;
+  checkpoints of either load into the other.
+
+  ``(N, X, Y, Z, C) -> (N, X, Y, Z, C)``.
+  """
+
+  def __init__(self, channels: int, *, num_groups: int,
+               epsilon: float = 1e-6, rngs: nnx.Rngs):
+    if channels % num_groups:
+      raise ValueError(f"num_groups ({num_groups}) must divide channels "
+                       f"({channels})")
+    self.num_groups = num_groups
+    self.epsilon = epsilon
+    # Drawn as nnx.GroupNorm draws them, so that the layers after it get the
+    # same initial weights.
+    self.scale = nnx.Param(nnx.initializers.ones(rngs.params(), (channels,)))
+    self.bias = nnx.Param(nnx.initializers.zeros(rngs.params(), (channels,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, channels = x.shape[0], x.shape[-1]
+    per_group = channels // self.num_groups
+    voxels = x.reshape(n, -1, channels)
+    count = voxels.shape[1] * per_group
+
+    def group_mean(values):
+      return values.sum(axis=1).reshape(n, self.num_groups, per_group).sum(
+          axis=-1) / count
+
+    mean = group_mean(voxels)
+    # Var = E[x²] − E[x]², as nnx.GroupNorm's fast variance.
+    variance = jnp.maximum(group_mean(jnp.square(voxels)) - jnp.square(mean),
+                           0)
+    inverse = jnp.repeat(jax.lax.rsqrt(variance + self.epsilon), per_group,
+                         axis=1)
+    multiplier = inverse * self.scale[...]
+    shift = self.bias[...] - jnp.repeat(mean, per_group, axis=1) * multiplier
+    return (voxels * multiplier[:, None] + shift[:, None]).reshape(x.shape)
 
 
 class ConvBlock(nnx.Module):
@@ -171,7 +225,10 @@ class UpConv(nnx.Module):
   transposed convolution is one ``C_in -> 8 · C_out`` matrix product per voxel
   followed by depth-to-space, which XLA's CPU backend runs far faster than
   ``nnx.ConvTranspose`` (``benchmarks/RESULTS.md``). ``nnx.ConvTranspose``
-  with the kernel flipped in space gives the same output.
+  with the kernel flipped in space gives the same output. On CPU where the
+  oneDNN convolutions are built, the same weights go to
+  ``conv.conv3d_transpose`` instead, which writes the up-sampled voxels in
+  place.
 
   ``(N, X, Y, Z, in_channels) -> (N, 2X, 2Y, 2Z, out_channels)``.
   """
@@ -181,7 +238,17 @@ class UpConv(nnx.Module):
     self.linear = nnx.Linear(in_channels, 8 * out_channels, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    n, sx, sy, sz, _ = x.shape
+    n, sx, sy, sz, c_in = x.shape
+    kernel, bias = self.linear.kernel[...], self.linear.bias[...]
+    if (x.dtype == kernel.dtype == jnp.float32
+        and jax.default_backend() == "cpu" and conv.available()):
+      # XLA would copy the matmul's output into place, and its gradient back
+      # for the kernel gradient; oneDNN reads and writes them in place.
+      taps = kernel.reshape(c_in, 2, 2, 2, self.out_channels)
+      y = conv.conv3d_transpose(x, taps.transpose(1, 2, 3, 4, 0), (2, 2, 2))
+      y = y.reshape(n, sx, 2, sy, 2, sz, 2, self.out_channels)
+      y = y + bias.reshape(2, 2, 2, self.out_channels)[:, None, :, None, :]
+      return y.reshape(n, 2 * sx, 2 * sy, 2 * sz, self.out_channels)
     y = self.linear(x).reshape(n, sx, sy, sz, 2, 2, 2, self.out_channels)
     y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return y.reshape(n, 2 * sx, 2 * sy, 2 * sz, self.out_channels)

@@ -44,14 +44,16 @@ def num_steps(config: config_lib.TrainConfig, num_rows: int) -> int:
 
 
 def train_epoch(train_step, state, images, targets, rows, *,
-                config: config_lib.TrainConfig, epoch: int,
+                config: config_lib.TrainConfig, learning_rate: float,
+                epoch: int,
                 mesh: jax.sharding.Mesh, desc: str, progress: bool,
                 stop: preemption.StopSignals, start: Place,
                 foreground: Sequence[np.ndarray] | None = None):
   """A pass over the training rows in ``(config.seed, epoch)`` order.
 
   ``images`` are the dataset's, ``targets`` its labels as the train step
-  reads them (``steps.training_targets``). A run with a ``patch_size``
+  reads them (``steps.training_targets``); the steps take
+  ``learning_rate`` and ``config.dice_weight``. A run with a ``patch_size``
   trains on ``config.patches_per_case`` patches of each training case
   (``data.iterate_patches``),
   centred on one of its ``foreground`` voxels (``data.foreground_voxels``,
@@ -90,7 +92,8 @@ def train_epoch(train_step, state, images, targets, rows, *,
   count = start.batches
   for count, (images, labels) in enumerate(bar, start.batches + 1):
     state, loss = train_step(state, steps.to_global(images, sharding),
-                             steps.to_global(labels, sharding))
+                             steps.to_global(labels, sharding),
+                             learning_rate, config.dice_weight)
     total += float(loss)
     seconds = time.perf_counter() - began
     bar.set_postfix(loss=f"{total / count:.4f}",

@@ -162,9 +162,7 @@ def _make_steps(job: _Phase, model_def: nnx.GraphDef,
   """The phase's ``(train_step, eval_step)``, cached per network and loss."""
   config = job.config
   train_step = steps.make_train_step(
-      model_def, mesh, loss=job.loss,
-      learning_rate=job.settings.learning_rate,
-      dice_weight=config.dice_weight, kernel_sizes=config.kernel_sizes,
+      model_def, mesh, loss=job.loss, kernel_sizes=config.kernel_sizes,
       normalize=config.normalize)
   if config.patch_size is not None:
     return train_step, steps.make_forward(model_def)
@@ -218,7 +216,8 @@ def _run_epoch(job: _Phase, train_step, eval_step, state, manager,
   desc = f"phase {job.number} epoch {epoch}/{job.settings.epochs}"
   state, place = epoch_lib.train_epoch(
       train_step, state, job.dataset.images, targets, job.train_rows,
-      config=job.config, epoch=epoch, mesh=mesh, desc=desc,
+      config=job.config, learning_rate=job.settings.learning_rate,
+      epoch=epoch, mesh=mesh, desc=desc,
       progress=job.progress, stop=stop, start=place, foreground=foreground)
   num_steps = epoch_lib.num_steps(job.config, len(job.train_rows))
   if place.batches < num_steps:

@@ -84,21 +84,37 @@ def make_loss(name: str, *, dice_weight: float, kernel_sizes: Sequence[int],
   (``training_targets``). ``normalize`` only resolves older names
   (``config.resolve_loss``).
   """
+  dice_weight = float(dice_weight)
+  if not dice_weight >= 0:
+    raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")
+  loss = _weighted_loss(name, kernel_sizes=tuple(kernel_sizes),
+                        normalize=normalize)
+  return lambda logits, targets: loss(logits, targets, dice_weight)
+
+
+def _weighted_loss(name: str, *, kernel_sizes: tuple[int, ...],
+                   normalize: bool):
+  """``make_loss``'s loss as ``loss(logits, targets, dice_weight)``, the
+  weight possibly traced: the train step takes it as an argument, so that
+  one compilation serves every λ of a loss."""
   entry = loss_table.LOSS_TABLE[config_lib.resolve_loss(
       name, normalize=normalize)]
   if entry.function is None:
-    return losses.dice_loss
-  topology = entry.topology(kernel_sizes=tuple(kernel_sizes))
-  if entry.prepare is None:
-    return losses.with_dice_loss(topology, dice_weight=dice_weight)
+    return lambda logits, targets, dice_weight: losses.dice_loss(
+        logits, targets)
+  topology = entry.topology(kernel_sizes=kernel_sizes)
 
-  def loss(logits, targets):
-    # The labels' C channels, then the C channels prepared from them, so
-    # that a step pays only for the loss itself.
-    labels, prepared = jnp.split(targets, 2, axis=-1)
-    return losses.with_dice_loss(
-        functools.partial(topology, skeleton=prepared),
-        dice_weight=dice_weight)(logits, labels)
+  def loss(logits, targets, dice_weight):
+    if entry.prepare is not None:
+      # The labels' C channels, then the C channels prepared from them, so
+      # that a step pays only for the loss itself.
+      targets, prepared = jnp.split(targets, 2, axis=-1)
+      topology_of = functools.partial(topology, skeleton=prepared)
+    else:
+      topology_of = topology
+    # with_dice_loss's sum, with a weight that may be traced.
+    return (topology_of(losses.probabilities(logits), targets)
+            + dice_weight * losses.dice_loss(logits, targets))
 
   return loss
 
@@ -191,53 +207,59 @@ def _initializer(config: config_lib.TrainConfig, *, in_channels: int,
                  compiler_options={"xla_backend_optimization_level": 0})
 
 
-# The step factories are cached: phases of the same network, loss and
-# learning rate in one process share one jitted function, and so compile once.
+# The step factories are cached: phases of the same network and loss in one
+# process share one jitted function, and so compile once.
 @functools.lru_cache(maxsize=16)
 def make_train_step(model_def: nnx.GraphDef, mesh: jax.sharding.Mesh, *,
-                    loss: str, learning_rate: float, dice_weight: float,
-                    kernel_sizes: tuple[int, ...], normalize: bool = False):
+                    loss: str, kernel_sizes: tuple[int, ...],
+                    normalize: bool = False):
   """The jit-compiled training step: one Adam step on one batch.
 
   Args:
     model_def: the model's ``nnx.GraphDef`` (from ``init_state``).
     mesh: from ``data_mesh``.
     loss: a name in ``LOSSES`` (``make_loss``).
-    learning_rate: Adam's step size.
-    dice_weight: λ of the topological losses.
     kernel_sizes: PPL kernel sizes.
     normalize: resolves older names (``config.resolve_loss``).
 
   Returns:
-    ``step(state, images, labels) -> (state, loss)``: ``state`` as from
-    ``init_state`` (replicated, donated); ``images`` and ``labels``
-    ``(N, X, Y, Z, C)`` sharded over ``"data"``; ``loss`` the batch's loss.
+    ``step(state, images, labels, learning_rate, dice_weight) -> (state,
+    loss)``: ``state`` as from ``init_state`` (replicated, donated);
+    ``images`` and ``labels`` ``(N, X, Y, Z, C)`` sharded over ``"data"``;
+    ``learning_rate`` Adam's step size and ``dice_weight`` λ of the
+    topological losses, scalars (arguments, not constants of the compiled
+    step: a phase at another learning rate or λ reuses it); ``loss`` the
+    batch's loss.
   """
   replicated = jax.NamedSharding(mesh, jax.P())
   batch = jax.NamedSharding(mesh, jax.P("data"))
-  per_shard_loss = make_loss(loss, dice_weight=dice_weight,
-                             kernel_sizes=kernel_sizes, normalize=normalize)
+  per_shard_loss = _weighted_loss(loss, kernel_sizes=tuple(kernel_sizes),
+                                  normalize=normalize)
   # Each device takes the loss of its own cases and the mean goes round:
   # every loss here is a mean over cases and the shards are equal, so this is
   # the batch's loss, and a persistent-homology loss computes its diagrams
   # on the host of each device instead of gathering the batch on one.
   loss_fn = jax.shard_map(
-      lambda logits, labels: jax.lax.pmean(per_shard_loss(logits, labels),
-                                           "data"),
-      mesh=mesh, in_specs=(jax.P("data"), jax.P("data")), out_specs=jax.P())
-  tx = make_optimizer(learning_rate)
+      lambda logits, labels, dice_weight: jax.lax.pmean(
+          per_shard_loss(logits, labels, dice_weight), "data"),
+      mesh=mesh, in_specs=(jax.P("data"), jax.P("data"), jax.P()),
+      out_specs=jax.P())
 
-  def step(state, images, labels):
+  def step(state, images, labels, learning_rate, dice_weight):
     model = nnx.merge(model_def, state["model"])
     model.train()
     value, grads = nnx.value_and_grad(
-        lambda m: loss_fn(m(images), labels))(model)
+        lambda m: loss_fn(m(images), labels, dice_weight))(model)
     params = nnx.state(model, nnx.Param)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    # Adam of a traced rate: its update alone has the bits of a constant
+    # rate's (checked), though XLA may fuse the rest of the step otherwise.
+    updates, opt_state = make_optimizer(learning_rate).update(
+        grads, state["opt_state"], params)
     nnx.update(model, optax.apply_updates(params, updates))
     return {"model": nnx.state(model), "opt_state": opt_state}, value
 
-  return jax.jit(step, in_shardings=(replicated, batch, batch),
+  return jax.jit(step, in_shardings=(replicated, batch, batch, replicated,
+                                     replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
