@@ -71,12 +71,12 @@ def task_config(config: train.TrainConfig, task: str, *,
 
   Why no overlap there: validation only ranks a run's epochs, and at
   overlap 0 a 64³ case is 8 windows of 32³ instead of 27 at 0.5, a third
-  of the validation's time, which is most of the vessels' epoch
+  of the validation's time, which is most of a vessels epoch
   (experiments/README.md, "The vessels task: a pilot"); the pilot's
   validation Dice moved by 0.01–0.02 alike for every model, and epoch by
-  epoch the two overlaps rank a run's epochs alike (the README). The
-  predictions that are scored keep ``config.overlap``, where a seam could
-  break a thin tube."""
+  epoch the two overlaps ranked one run's epochs alike but for two epochs
+  tied at 0.5 (the README). The predictions that are scored keep
+  ``config.overlap``, where a seam could break a thin tube."""
   if task not in PATCH_TASKS:
     return config
   if config.shape is None or any(p > s for p, s in zip(config.shape, shape)):
