@@ -107,6 +107,9 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=None, seeds=None,
             command=None) -> dict:
   """The whole comparison; returns what ``results.json`` holds.
 
+  Each task done writes its part, ``out/<task>/task.json``; with
+  ``resume`` a task whose part is there is read from it, not run.
+
   ``seeds`` (evaluation seeds) default to ``loss_protocol.EVAL_SEEDS``, or
   (1,) with ``quick``, which also runs 2 + 2 epochs and λ0 alone; ``tasks``
   to ``loss_protocol.default_tasks(quick)`` (with ``quick``, not the
@@ -149,8 +152,7 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=None, seeds=None,
     if part is None:
       part = _run_task(task, config, names, out, seeds=seeds, grid=grid,
                        max_values=max_values, num_cases=num_cases,
-                       resume=resume, cache_dir=cache_dir,
-                       progress=progress)
+                       cache_dir=cache_dir, progress=progress)
       part["run"] = expected
       # NaN stays NaN (Python's JSON reads it back), so that a kept part is
       # the result as it was computed; results.json writes it null.
@@ -197,7 +199,7 @@ def _task_data(task, config, out, *, num_cases, cache_dir, progress):
 
 
 def _run_task(task, config, names, out, *, seeds, grid, max_values,
-              num_cases, resume, cache_dir, progress) -> dict:
+              num_cases, cache_dir, progress) -> dict:
   """One task's λ search, evaluation seeds and projections figure: its part
   of the results, as ``out/<task>/task.json`` keeps it."""
   load = os.getloadavg()[0]
