@@ -58,16 +58,29 @@ Written to ``--out`` (default ``experiments/out/compare_losses``):
   ``curves.png``: phase-2 validation Dice per epoch; ``topology_vs_time.png``;
   ``<task>_projections.png``: one test case of the first evaluation seed;
 * ``<task>/data/``, the task; ``<task>/tuning/`` and ``<task>/seed<k>/``,
-  the runs.
+  the runs; ``<task>/task.json``, the task's part of ``results.json``
+  (with its minutes, the load at its start, the commit and the date),
+  written when the task is done.
+
+In parts, across sessions or machines: ``--resume`` does not rerun a task
+whose ``<task>/task.json`` is in ``--out``, it reads it; the table and
+figures are made from every task's part. So a session may run some
+``--tasks`` and keep ``<task>/task.json`` and ``<task>_projections.png``
+of each (the runs need not be kept); a later session copies them back into
+its ``--out`` and runs with ``--resume`` and the same options (a part
+written with another config, seeds, grid or number of cases is refused).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import json
 import os
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 
@@ -82,6 +95,8 @@ from topojax import train
 
 DEFAULT_CONFIG = reproduce.ROOT / "configs" / "compare_losses.json"
 DEFAULT_OUT = reproduce.ROOT / "out" / "compare_losses"
+# A finished task's part of the results, in out/<task>/.
+PART_FILE = "task.json"
 # The settings, as other modules and tests name them from here.
 VARIANTS = protocol.VARIANTS
 
@@ -91,6 +106,9 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=None, seeds=None,
             num_cases=protocol.NUM_CASES, cache_dir=None, progress=True,
             command=None) -> dict:
   """The whole comparison; returns what ``results.json`` holds.
+
+  Each task done writes its part, ``out/<task>/task.json``; with
+  ``resume`` a task whose part is there is read from it, not run.
 
   ``seeds`` (evaluation seeds) default to ``loss_protocol.EVAL_SEEDS``, or
   (1,) with ``quick``, which also runs 2 + 2 epochs and λ0 alone; ``tasks``
@@ -124,61 +142,171 @@ def compare(*, config_path=DEFAULT_CONFIG, tasks=None, seeds=None,
              "config": config.to_json(), "tuning_seed": protocol.TUNING_SEED,
              "seeds": list(seeds), "grid": list(grid), "tasks": {},
              "minutes": {}}
+  expected = {"config": config.to_json(), "seeds": list(seeds),
+              "grid": list(grid), "max_values": max_values,
+              "num_cases": num_cases}
+  results["parts"], results["training_minutes"] = {}, {}
   for task in tasks:
-    task_began = time.perf_counter()
-    task_out = out / task
-    task_dir = task_out / "data" / f"Task00_{task.capitalize()}"
-    synth = protocol.task_synth(task, config, num_cases=num_cases)
-    task_config = protocol.task_config(config, task)
-    if not (task_dir / "dataset.json").is_file():
-      synthetic.generate_task(task_dir, synth, overwrite=resume,
-                              progress=progress)
-    dataset = data.load_dataset(task_dir, task_config.preprocess_config(),
-                                cache_dir=cache_dir, progress=progress)
-    num_val, num_test = protocol.split_counts(num_cases)
-    split = data.make_split([c.case_id for c in dataset.task.cases],
-                            num_val=num_val, num_test=num_test,
-                            seed=config.split_seed)
-    if progress:
-      print(f"=== task {task}: λ search on seed {protocol.TUNING_SEED} ===",
+    part_path = out / task / PART_FILE
+    part = _read_part(part_path, expected) if resume else None
+    if part is None:
+      part = _run_task(task, config, names, out, seeds=seeds, grid=grid,
+                       max_values=max_values, num_cases=num_cases,
+                       cache_dir=cache_dir, progress=progress)
+      part["run"] = expected
+      # NaN stays NaN (Python's JSON reads it back), so that a kept part is
+      # the result as it was computed; results.json writes it null.
+      part_path.write_text(json.dumps(part, indent=1))
+    elif not (out / f"{task}_projections.png").is_file():
+      _redraw_projections(task, config, names, out, seeds=seeds,
+                          num_cases=num_cases, cache_dir=cache_dir,
+                          progress=progress)
+    elif progress:
+      print(f"=== task {task}: kept from {part_path} ({part['date']}) ===",
             flush=True)
-    tuning = loss_runs.tune(task_config, dataset, split, task_dir,
-                            task_out / "tuning", grid=grid,
-                            max_values=max_values, cache_dir=cache_dir,
-                            progress=progress)
-    tuned_at = time.perf_counter()
-    weights = {loss: r["chosen"] for loss, r in tuning["losses"].items()}
-    per_seed = {}
-    for seed in seeds:
-      if progress:
-        print(f"=== task {task}, seed {seed} ===", flush=True)
-      per_seed[seed] = loss_runs.evaluate_seed(
-          dataclasses.replace(task_config, seed=seed), dataset, split,
-          task_dir, task_out / f"seed{seed}", weights=weights,
-          cache_dir=cache_dir, progress=progress)
-    arrays = loss_tables.per_case_arrays(per_seed, names)
-    results["tasks"][task] = {
-        "synthetic": dataclasses.asdict(synth),
-        **({"config": task_config.to_json()} if task_config != config
-           else {}),
-        "split": dataclasses.asdict(split), "tuning": tuning,
-        "weights": weights, "table": loss_tables.summarise(per_seed, names),
-        "paired": paired.compare_settings(
-            {n: a for n, a in arrays.items() if n != names["phase1"]},
-            baseline=names["dice_ft"]),
-        "per_seed": {str(s): {names[d]: v for d, v in runs.items()}
-                     for s, runs in per_seed.items()}}
-    loss_tables.projections(
-        dataclasses.replace(task_config, seed=seeds[0]), dataset, split,
-        task_out / f"seed{seeds[0]}", names,
-        out / f"{task}_projections.png", task)
-    results["minutes"][task] = {
-        "tuning": (tuned_at - task_began) / 60,
-        "evaluation": (time.perf_counter() - tuned_at) / 60}
-  results["minutes"]["total"] = (time.perf_counter() - started) / 60
-  results["training_minutes"] = _training_minutes(out, tasks)
+    results["tasks"][task] = part["result"]
+    results["minutes"][task] = part["minutes"]
+    results["training_minutes"][task] = part["training_minutes"]
+    results["parts"][task] = {key: part[key] for key in (
+        "date", "commit", "machine", "load_at_start")}
+  # The tasks' own minutes, whichever session ran them; this session's
+  # wall time apart.
+  results["minutes"]["total"] = sum(
+      m["tuning"] + m["evaluation"] for m in results["minutes"].values())
+  results["minutes"]["session"] = (time.perf_counter() - started) / 60
   loss_tables.write(results, names, config, out, progress=progress)
   return results
+
+
+def _task_data(task, config, out, *, num_cases, cache_dir, progress):
+  """``(synth, task_config, task_dir, dataset, split)`` of a task,
+  generated in ``out/<task>/data`` unless it is there."""
+  task_dir = out / task / "data" / f"Task00_{task.capitalize()}"
+  synth = protocol.task_synth(task, config, num_cases=num_cases)
+  task_config = protocol.task_config(config, task)
+  if not (task_dir / "dataset.json").is_file():
+    # What is there is a stopped generation: a used --out is refused
+    # unless resumed.
+    synthetic.generate_task(task_dir, synth, overwrite=True,
+                            progress=progress)
+  dataset = data.load_dataset(task_dir, task_config.preprocess_config(),
+                              cache_dir=cache_dir, progress=progress)
+  num_val, num_test = protocol.split_counts(num_cases)
+  split = data.make_split([c.case_id for c in dataset.task.cases],
+                          num_val=num_val, num_test=num_test,
+                          seed=config.split_seed)
+  return synth, task_config, task_dir, dataset, split
+
+
+def _run_task(task, config, names, out, *, seeds, grid, max_values,
+              num_cases, cache_dir, progress) -> dict:
+  """One task's λ search, evaluation seeds and projections figure: its part
+  of the results, as ``out/<task>/task.json`` keeps it."""
+  load = os.getloadavg()[0]
+  task_began = time.perf_counter()
+  task_out = out / task
+  synth, task_config, task_dir, dataset, split = _task_data(
+      task, config, out, num_cases=num_cases, cache_dir=cache_dir,
+      progress=progress)
+  if progress:
+    print(f"=== task {task}: λ search on seed {protocol.TUNING_SEED} ===",
+          flush=True)
+  tuning = loss_runs.tune(task_config, dataset, split, task_dir,
+                          task_out / "tuning", grid=grid,
+                          max_values=max_values, cache_dir=cache_dir,
+                          progress=progress)
+  tuned_at = time.perf_counter()
+  weights = {loss: r["chosen"] for loss, r in tuning["losses"].items()}
+  per_seed = {}
+  for seed in seeds:
+    if progress:
+      print(f"=== task {task}, seed {seed} ===", flush=True)
+    per_seed[seed] = loss_runs.evaluate_seed(
+        dataclasses.replace(task_config, seed=seed), dataset, split,
+        task_dir, task_out / f"seed{seed}", weights=weights,
+        cache_dir=cache_dir, progress=progress)
+  arrays = loss_tables.per_case_arrays(per_seed, names)
+  result = {
+      "synthetic": dataclasses.asdict(synth),
+      **({"config": task_config.to_json()} if task_config != config
+         else {}),
+      "split": dataclasses.asdict(split), "tuning": tuning,
+      "weights": weights, "table": loss_tables.summarise(per_seed, names),
+      "paired": paired.compare_settings(
+          {n: a for n, a in arrays.items() if n != names["phase1"]},
+          baseline=names["dice_ft"]),
+      "per_seed": {str(s): {names[d]: v for d, v in runs.items()}
+                   for s, runs in per_seed.items()}}
+  loss_tables.projections(
+      dataclasses.replace(task_config, seed=seeds[0]), dataset, split,
+      task_out / f"seed{seeds[0]}", names,
+      out / f"{task}_projections.png", task)
+  minutes = {"tuning": (tuned_at - task_began) / 60,
+             "evaluation": (time.perf_counter() - tuned_at) / 60}
+  return {"task": task, "result": result, "minutes": minutes,
+          "training_minutes": _training_minutes(out, [task])[task],
+          "load_at_start": load, "commit": _commit(),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
+          "machine": _machine()}
+
+
+def _read_part(path: pathlib.Path, expected: dict) -> dict | None:
+  """A finished task's part (``_run_task``), or ``None`` if there is none.
+
+  Raises:
+    ValueError: the part is not valid JSON, or a run with another config,
+      seeds, λ grid or number of cases wrote it.
+  """
+  if not path.is_file():
+    return None
+  try:
+    part = json.loads(path.read_text())
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{path}: not valid JSON ({err})") from None
+  differs = sorted(k for k in expected
+                   if part.get("run", {}).get(k) != expected[k])
+  if differs:
+    raise ValueError(f"{path} was written by another comparison (its "
+                     f"{', '.join(differs)} differ); remove it to rerun "
+                     "the task, or resume with that run's options")
+  return part
+
+
+def _redraw_projections(task, config, names, out, *, seeds, num_cases,
+                        cache_dir, progress) -> None:
+  """``<task>_projections.png`` of a kept task again, from the checkpoints
+  of its first evaluation seed.
+
+  Raises:
+    FileNotFoundError: they are not in ``out`` either.
+  """
+  seed_dir = out / task / f"seed{seeds[0]}"
+  figure = out / f"{task}_projections.png"
+  if not all((seed_dir / d / "summary.json").is_file() for d in names):
+    raise FileNotFoundError(
+        f"{figure} is missing and so are the runs of {seed_dir} to draw it "
+        f"again: copy it back beside {out / task / PART_FILE}")
+  _, task_config, _, dataset, split = _task_data(
+      task, config, out, num_cases=num_cases, cache_dir=cache_dir,
+      progress=progress)
+  loss_tables.projections(dataclasses.replace(task_config, seed=seeds[0]),
+                          dataset, split, seed_dir, names, figure, task)
+
+
+def _commit() -> str | None:
+  """The checked-out commit (``-dirty`` if tracked files changed), or
+  ``None`` outside a git checkout."""
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=reproduce.ROOT,
+                          capture_output=True, text=True, check=True,
+                          timeout=30).stdout.strip()
+  try:
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ("-dirty" if dirty else "")
 
 
 def _machine() -> str:

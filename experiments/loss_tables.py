@@ -147,6 +147,7 @@ def write(results, names, config, out: pathlib.Path, *, progress) -> None:
              f"{len(split['val'])} validation, {len(split['test'])} test "
              f"cases ({minutes[task]['tuning']:.1f} min tuning, "
              f"{minutes[task]['evaluation']:.1f} min evaluation)", "",
+             *_part_line(results.get("parts", {}).get(task)),
              *_protocol_line(result),
              tuning_markdown(result["tuning"], names["dice_ft"]),
              reproduce.markdown(result["table"], seeds=results["seeds"],
@@ -188,6 +189,17 @@ def write(results, names, config, out: pathlib.Path, *, progress) -> None:
           + ", ".join(f"{t}_projections.png" for t in results["tasks"]))
 
 
+def _part_line(part: dict | None) -> list[str]:
+  """Where and when a task ran (``compare_losses``' parts may come from
+  other sessions): the lines to put under its heading."""
+  if part is None:
+    return []
+  commit = (part["commit"] or "unknown")[:12] + (
+      "-dirty" if (part["commit"] or "").endswith("-dirty") else "")
+  return [f"Run {part['date']} on commit {commit}, {part['machine']}, load "
+          f"{part['load_at_start']:.2f} at its start.", ""]
+
+
 def _protocol_line(result: dict) -> list[str]:
   """For a task trained on patches (its own ``"config"``), how: the lines
   to put under its heading; none for a whole-volume task."""
@@ -196,10 +208,13 @@ def _protocol_line(result: dict) -> list[str]:
     return []
   volume, patch = ("×".join(map(str, shape)) for shape in (
       result["synthetic"]["shape"], config["patch_size"]))
+  validation = config.get("validation_overlap")
+  validation = config["overlap"] if validation is None else validation
   return [f"Volumes of {volume} voxels, trained on {patch} patches "
           f"({config['patches_per_case']} per case and epoch), validated "
-          "and predicted whole by sliding windows (overlap "
-          f"{config['overlap']:g}, Gaussian blending).", ""]
+          "and predicted whole by sliding windows (Gaussian blending; "
+          f"windows overlapping by {validation:g} in the per-epoch "
+          f"validation, {config['overlap']:g} in prediction).", ""]
 
 
 def _scaled(stat: dict[str, float], factor: float) -> dict[str, float]:

@@ -185,7 +185,8 @@ def probabilities_on_test_cases(config, dataset, split,
 def _probabilities(config, model_def, state, images) -> np.ndarray:
   """``(N, X, Y, Z, C_out)`` probabilities of preprocessed cases: whole
   for a run trained on whole volumes, by sliding windows (as its
-  validation and ``predict`` do it) for a run trained on patches."""
+  ``predict`` does it, at ``config.overlap``) for a run trained on
+  patches."""
   if config.patch_size is None:
     return np.stack(predict.segment(model_def, state, images,
                                     batch_size=config.batch_size))

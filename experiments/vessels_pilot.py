@@ -78,7 +78,7 @@ def validation_costs(run_dir: pathlib.Path, dataset, rows,
   forward = steps.make_forward(segmenter.model_def)
   costs = {}
   for overlap in overlaps:
-    changed = dataclasses.replace(config, overlap=overlap)
+    changed = dataclasses.replace(config, validation_overlap=overlap)
     # Once to compile, once timed.
     for _ in range(2):
       began = time.perf_counter()
@@ -215,7 +215,9 @@ def main(argv=None) -> int:
                       help="side of the volumes in voxels (default "
                       f"{protocol.VESSEL_SHAPE[0]})")
   parser.add_argument("--overlap", type=float,
-                      help="sliding-window overlap (default the protocol's)")
+                      help="sliding-window overlap of the predictions "
+                      "(default the protocol's; the per-epoch validation "
+                      "keeps the protocol's validation_overlap)")
   parser.add_argument("--patches-per-case", type=int,
                       help="patches per training case and epoch (default "
                       "the protocol's)")

@@ -204,6 +204,46 @@ def test_comparison_resumes_without_retraining(quick_comparison):
       "paired"]
 
 
+def test_a_comparison_in_parts_reads_finished_tasks(quick_comparison,
+                                                    tmp_path, monkeypatch):
+  # A later session: only the task's part and its figure copied back.
+  root, results = quick_comparison
+  out = tmp_path / "out"
+  (out / "loops").mkdir(parents=True)
+  for name in ("loops/task.json", "loops_projections.png"):
+    (out / name).write_bytes((root / "out" / name).read_bytes())
+  part = json.loads((out / "loops" / "task.json").read_text())
+  assert part["task"] == "loops" and part["date"] and "commit" in part
+  assert part["minutes"] == results["minutes"]["loops"]
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a kept task was trained again")
+
+  monkeypatch.setattr(train, "train_phase", no_training)
+  monkeypatch.setattr(loss_runs, "tune", no_training)
+  monkeypatch.setattr(loss_runs, "evaluate_seed", no_training)
+  options = dict(config_path=root / "tiny.json", quick=True, num_cases=10,
+                 tasks=("loops",), cache_dir=root / "cache", progress=False)
+  again = compare_losses.compare(out=out, resume=True, **options)
+  saved, first = (json.loads((folder / "results.json").read_text())
+                  for folder in (out, root / "out"))
+  assert saved["tasks"] == first["tasks"]
+  assert again["minutes"]["loops"] == results["minutes"]["loops"]
+  assert again["training_minutes"] == results["training_minutes"]
+  assert not (out / "loops" / "seed1").exists()
+  table = (out / "table.md").read_text().splitlines()
+  start = table.index(next(l for l in table if l.startswith("## Task")))
+  assert table[start:] == (root / "out" / "table.md").read_text(
+      ).splitlines()[start:]
+  # Without its figure or the runs to draw it, the part is refused.
+  (out / "loops_projections.png").unlink()
+  with pytest.raises(FileNotFoundError, match="loops_projections.png"):
+    compare_losses.compare(out=out, resume=True, **options)
+  # So is a part of another comparison.
+  with pytest.raises(ValueError, match="seeds differ"):
+    compare_losses.compare(out=out, resume=True, seeds=(2,), **options)
+
+
 def test_betti_matching_error_is_the_validation_mean_and_kept(
     quick_comparison):
   # The λ rule's tie-break, on a tuning run of the quick comparison.
@@ -398,9 +438,13 @@ def test_only_patch_tasks_leave_the_whole_volume_protocol(task):
   assert synth.shape == loss_protocol.VESSEL_SHAPE
   assert (config.shape, config.patch_size) == (None, TINY.shape)
   assert config.patches_per_case == loss_protocol.PATCHES_PER_CASE
+  # Validation ranks epochs without window overlap; prediction keeps it.
+  assert config.validation_overlap == loss_protocol.VALIDATION_OVERLAP == 0
+  assert config.overlap == TINY.overlap
   assert dataclasses.replace(
       config, shape=TINY.shape, patch_size=None,
-      patches_per_case=TINY.patches_per_case) == TINY
+      patches_per_case=TINY.patches_per_case,
+      validation_overlap=None) == TINY
   with pytest.raises(ValueError, match="must be a patch that fits"):
     loss_protocol.task_config(TINY, task, shape=(8, 64, 64))
 

@@ -88,6 +88,20 @@ def test_a_patch_config_round_trips_with_a_null_shape(tmp_path):
   assert config.foreground_fraction == pytest.approx(1 / 3)
 
 
+def test_the_validation_overlap_round_trips_and_defaults_to_none(tmp_path):
+  path = tmp_path / "config.json"
+  spec = {**PATCHES, "overlap": 0.25, "validation_overlap": 0.0}
+  path.write_text(json.dumps(spec))
+  config = train.load_config(path)
+  assert (config.overlap, config.validation_overlap) == (0.25, 0.0)
+  path.write_text(json.dumps(config.to_json()))
+  assert train.load_config(path) == config
+  # A config written before the field loads with None: overlap's.
+  older = {k: v for k, v in spec.items() if k != "validation_overlap"}
+  path.write_text(json.dumps(older))
+  assert train.load_config(path).validation_overlap is None
+
+
 @pytest.mark.parametrize("change, match", [
     ({"patch_size": None}, "shape may be null only with a patch_size"),
     ({"patch_size": [16, 16, 9]}, "patch_size: .*multiple of 2"),
@@ -101,6 +115,10 @@ def test_a_patch_config_round_trips_with_a_null_shape(tmp_path):
     ({"shape": [16, 16, 16]}, "shape .* and spacing .* both set the grid"),
     ({"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
     ({"overlap": -0.1}, r"overlap must be in \[0, 1\)"),
+    ({"validation_overlap": 1.0},
+     r": validation_overlap must be in \[0, 1\)"),
+    ({"validation_overlap": -0.5},
+     r": validation_overlap must be in \[0, 1\)"),
     ({"foreground_fraction": 1.5}, r"foreground_fraction must be in"),
     ({"patches_per_case": 0}, "patches_per_case must be a positive int"),
     ({"kernel_sizes": [2, 12]}, "fit in every projected plane"),

@@ -1,6 +1,7 @@
 """Tests for topojax/train/validation.py: the validation Dice and PPL, of
 whole volumes and by sliding windows."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,3 +56,31 @@ def test_one_window_per_case_validates_as_the_whole_volume_step(
                              rtol=1e-5)
   # A voxel within float32 rounding of the threshold may fall either way.
   assert abs(windows["val_dice"] - whole["val_dice"]) < 1e-2
+
+
+@pytest.mark.parametrize("overlap, validation_overlap, expected", [
+    (0.5, None, 27),  # validation_overlap None: overlap's 3 windows a side
+    (0.5, 0.0, 8),  # 2 a side at overlap 0, whatever overlap says
+    (0.0, 0.5, 27),
+])
+def test_validation_by_windows_uses_the_validation_overlap(
+    overlap, validation_overlap, expected):
+  config = train.TrainConfig(shape=None, patch_size=(8, 8, 8), depth=2,
+                             batch_size=1, kernel_sizes=(2, 4),
+                             overlap=overlap,
+                             validation_overlap=validation_overlap)
+  seen = []
+
+  def forward(state, windows):
+    # Counts the windows predicted (batch_size 1: no filling repeats), not
+    # the abstract call that checks the output's shape.
+    if not isinstance(windows, jax.core.Tracer):
+      seen.append(windows.shape[0])
+    return jnp.full(windows.shape[:-1] + (1,), 0.75) * state
+
+  images = np.zeros((1, 16, 16, 16, 1), np.float32)
+  labels = np.ones((1, 16, 16, 16, 1), np.float32)
+  scores = validation.validate_by_windows(forward, jnp.ones(()), images,
+                                          labels, [0], config=config)
+  assert sum(seen) == expected
+  assert scores["val_dice"] == pytest.approx(1.0)

@@ -93,6 +93,11 @@ class TrainConfig:
       the patch.
     overlap: share of a window overlapping the next in sliding-window
       validation and prediction, in [0, 1).
+    validation_overlap: the ``overlap`` of the per-epoch validation alone,
+      in [0, 1); ``None``: ``overlap``. Validation only ranks a run's
+      epochs, and fewer windows (8 against 27 for a 64³ case of 32³
+      windows at 0 and 0.5) make it cheaper; the test cases are still
+      predicted at ``overlap``, where seams could cut thin structures.
     modalities: image channels to keep (``data.PreprocessConfig``).
     label_mode: ``"binary"`` (sigmoid output) or ``"onehot"`` (softmax).
     flip_axes: spatial axes randomly flipped during training (0 = X).
@@ -118,6 +123,7 @@ class TrainConfig:
   foreground_fraction: float = 1 / 3
   patches_per_case: int = 1
   overlap: float = 0.5
+  validation_overlap: float | None = None
   modalities: tuple[int | str, ...] | None = None
   label_mode: str = "binary"
   flip_axes: tuple[int, ...] = ()
@@ -202,6 +208,10 @@ class TrainConfig:
                        f"{self.patches_per_case!r}")
     if not 0 <= self.overlap < 1:
       raise ValueError(f"overlap must be in [0, 1), got {self.overlap!r}")
+    if (self.validation_overlap is not None
+        and not 0 <= self.validation_overlap < 1):
+      raise ValueError(f"validation_overlap must be in [0, 1) or null, got "
+                       f"{self.validation_overlap!r}")
 
   def preprocess_config(self) -> data.PreprocessConfig:
     return data.PreprocessConfig(shape=self.shape, modalities=self.modalities,

@@ -80,7 +80,8 @@ def validate_by_windows(forward, model_state, images, labels,
   """``validate`` of a run trained on patches: whole cases, window by window.
 
   Each case, of any shape, is predicted by ``topojax.sliding_window``
-  (``config.patch_size``, ``config.overlap``, Gaussian blending,
+  (``config.patch_size``, ``config.validation_overlap`` or, when that is
+  ``None``, ``config.overlap``, Gaussian blending,
   ``config.batch_size`` windows per call) on this process's first device,
   so the numbers do not depend on how many devices or processes train; the
   mask is the thresholded (or arg-max) blend of the probabilities, and the
@@ -102,13 +103,15 @@ def validate_by_windows(forward, model_state, images, labels,
   local_state = jax.tree.map(lambda array: array.addressable_data(0),
                              model_state)
   predict = functools.partial(forward, local_state)
+  overlap = (config.overlap if config.validation_overlap is None
+             else config.validation_overlap)
   dice, topo = [], []
   for row in tqdm.tqdm(indices, desc="validating", unit="case", leave=False,
                        disable=not progress):
     label = np.asarray(labels[row], np.float32)
     probabilities = windows.sliding_window(
         predict, np.asarray(images[row], np.float32)[None],
-        patch_size=config.patch_size, overlap=config.overlap,
+        patch_size=config.patch_size, overlap=overlap,
         batch_size=config.batch_size)
     topo.append(float(_whole_case_ppl(probabilities, jnp.asarray(label[None]),
                                       kernel_sizes=config.kernel_sizes)))
