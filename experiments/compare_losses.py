@@ -202,7 +202,9 @@ def _run_task(task, config, names, out, *, seeds, grid, max_values,
               num_cases, cache_dir, progress) -> dict:
   """One task's λ search, evaluation seeds and projections figure: its part
   of the results, as ``out/<task>/task.json`` keeps it."""
-  load = os.getloadavg()[0]
+  # The code that runs it: read before, as the checkout may move on while
+  # it runs.
+  load, commit = os.getloadavg()[0], _commit()
   task_began = time.perf_counter()
   task_out = out / task
   synth, task_config, task_dir, dataset, split = _task_data(
@@ -245,7 +247,7 @@ def _run_task(task, config, names, out, *, seeds, grid, max_values,
              "evaluation": (time.perf_counter() - tuned_at) / 60}
   return {"task": task, "result": result, "minutes": minutes,
           "training_minutes": _training_minutes(out, [task])[task],
-          "load_at_start": load, "commit": _commit(),
+          "load_at_start": load, "commit": commit,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
               timespec="seconds"),
           "machine": _machine()}
