@@ -88,7 +88,7 @@ def soak(loss: str, *, num_steps: int, shape, num_cases: int = 8
   mesh = steps.data_mesh()
   sharding = jax.NamedSharding(mesh, jax.P("data"))
   model_def, state = steps.init_state(config, in_channels=1, out_channels=1,
-                                      learning_rate=1e-4, mesh=mesh)
+                                      mesh=mesh)
   # A step of its own, not the factory's cached one: another caller in the
   # process may have compiled that one for other shapes, and this counts.
   train_step = steps.make_train_step.__wrapped__(

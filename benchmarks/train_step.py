@@ -97,7 +97,7 @@ def _jax_step(args):
       kernel_sizes=tuple(k for k in (4, 5, 8, 10, 20) if k <= min(args.shape)))
   mesh = train.data_mesh()
   model_def, state = train.init_state(config, in_channels=1, out_channels=1,
-                                      learning_rate=1e-3, mesh=mesh)
+                                      mesh=mesh)
   # A step of its own (not the factory's cached one), so that one process
   # can hold the step on oneDNN and on XLA's convolutions side by side.
   step = train.make_train_step.__wrapped__(

@@ -186,8 +186,7 @@ def test_train_step_equals_the_xla_path():
   def two_steps():
     # A new step function per path: jit would reuse the first one's trace.
     model_def, state = train.init_state(config, in_channels=1,
-                                        out_channels=1, learning_rate=1e-3,
-                                        mesh=mesh)
+                                        out_channels=1, mesh=mesh)
     step = train.make_train_step.__wrapped__(
         model_def, mesh, loss="dice", kernel_sizes=(4,))
     losses = []

@@ -62,6 +62,39 @@ def test_topo_dice_loss_is_with_dice_loss_of_ppl():
           logits, target), rtol=1e-6)
 
 
+def test_with_dice_loss_weight_at_call_time_traced_or_not():
+  logits, target, probs = _logits_and_target(1, seed=7)
+  logits = logits.astype(np.float32)
+  loss = losses.with_dice_loss(losses.cldice_loss, dice_weight=0.25)
+  # One compilation for every λ: the weight is an argument of the jit.
+  traced = jax.jit(lambda w: loss(logits, target, dice_weight=w))
+  for weight in (0.0, 0.25, 3.0):
+    expected = float(losses.cldice_loss(probs.astype(np.float32), target)) + (
+        weight * torch_reference.numpy_dice_loss(probs, target))
+    np.testing.assert_allclose(traced(weight), expected, rtol=1e-5)
+    np.testing.assert_allclose(loss(logits, target, dice_weight=weight),
+                               expected, rtol=1e-5)
+  assert traced._cache_size() == 1
+  np.testing.assert_allclose(loss(logits, target),
+                             loss(logits, target, dice_weight=0.25))
+  with pytest.raises(ValueError, match="dice_weight must be >= 0"):
+    loss(logits, target, dice_weight=-0.5)
+  with pytest.raises(ValueError, match="dice_weight must be a number"):
+    loss(logits, target, dice_weight="heavy")
+
+
+def test_with_dice_loss_passes_keywords_to_the_topology_loss():
+  logits, target, probs = _logits_and_target(1, seed=8)
+  skeleton = np.asarray(losses.tubed_skeleton(target), np.float32)
+  loss = losses.with_dice_loss(losses.skeleton_recall_loss, dice_weight=0.5)
+  with jax.enable_x64(True):
+    expected = float(losses.skeleton_recall_loss(
+        probs, target, skeleton=skeleton)) + (
+            0.5 * torch_reference.numpy_dice_loss(probs, target))
+    np.testing.assert_allclose(loss(logits, target, skeleton=skeleton),
+                               expected, rtol=1e-10)
+
+
 def test_with_dice_loss_bad_arguments():
   with pytest.raises(ValueError, match="topology_loss must be a loss"):
     losses.with_dice_loss("cldice")

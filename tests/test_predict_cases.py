@@ -45,7 +45,7 @@ def test_masks_equal_the_validation_step_masks(run):
   split = data.Split.load(phase / "split.json")
   mesh = train.data_mesh()
   model_def, state = train.init_state(CONFIG, in_channels=1, out_channels=1,
-                                      learning_rate=1.0, mesh=mesh)
+                                      mesh=mesh)
   with checkpoint.open_manager(phase / "checkpoints",
                                read_only=True) as manager:
     model_state = checkpoint.restore(manager, manager.best_step(),

@@ -61,7 +61,7 @@ def test_one_compiled_step_serves_every_learning_rate_and_weight():
   images = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
   labels = (rng.random((2, 8, 8, 8, 1)) > 0.5).astype(np.float32)
   model_def, state = train.init_state(config, in_channels=1, out_channels=1,
-                                      learning_rate=1e-3, mesh=mesh)
+                                      mesh=mesh)
   logits = nnx.merge(model_def, state["model"])(images)
   step = train.make_train_step.__wrapped__(model_def, mesh, loss="ppl",
                                            kernel_sizes=(4,))

@@ -39,8 +39,7 @@ def test_one_window_per_case_validates_as_the_whole_volume_step(
                              kernel_sizes=(2, 4))
   mesh = train.data_mesh()
   model_def, state = train.init_state(config, in_channels=1,
-                                      out_channels=out_channels,
-                                      learning_rate=1e-3, mesh=mesh)
+                                      out_channels=out_channels, mesh=mesh)
   rng = np.random.default_rng(0)
   images = rng.random((3, 8, 8, 8, 1)).astype(np.float32)
   classes = rng.integers(0, out_channels + 1, (3, 8, 8, 8))

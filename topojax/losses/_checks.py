@@ -71,6 +71,22 @@ def check_floating(pred) -> None:
                      f"got dtype {dtype}")
 
 
+def dice_weight(value):
+  """λ of ``topology + λ·Dice`` as a float, checked ``>= 0``; a traced
+  weight (an argument of a compiled step) is passed through unchecked, its
+  caller having checked the value it traced."""
+  try:
+    weight = float(value)
+  except jax.errors.ConcretizationTypeError:
+    return value
+  except (TypeError, ValueError):
+    raise ValueError(f"dice_weight must be a number >= 0, got "
+                     f"{value!r}") from None
+  if not weight >= 0:
+    raise ValueError(f"dice_weight must be >= 0, got {weight}")
+  return weight
+
+
 def positive_int(value, name: str) -> int:
   """``value`` as an int if it is a positive integer (not a bool, not 2.5)."""
   if (isinstance(value, (bool, np.bool_))

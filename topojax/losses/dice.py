@@ -49,9 +49,9 @@ def dice_loss(logits: jax.typing.ArrayLike,
 
 
 def with_dice_loss(
-    topology_loss: Callable[[jax.Array, jax.Array], jax.Array], *,
+    topology_loss: Callable[..., jax.Array], *,
     dice_weight: float = 1.0,
-) -> Callable[[jax.typing.ArrayLike, jax.typing.ArrayLike], jax.Array]:
+) -> Callable[..., jax.Array]:
   r"""``loss(logits, target)`` = ``topology_loss(probs, target)`` + λ·Dice.
 
   .. math::
@@ -66,9 +66,13 @@ def with_dice_loss(
       term alone.
 
   Returns:
-    A function of logits and target, channels-last, same shape, returning a
-    scalar; bad arguments raise ``ValueError`` when it is called, before
-    tracing.
+    ``loss(logits, target, *, dice_weight=dice_weight, **kwargs)``: logits
+    and target channels-last, same shape; a scalar. ``dice_weight`` given
+    here replaces λ for this call and may be an array, traced too (a train
+    step that takes λ as an argument compiles once for every λ); ``kwargs``
+    go to ``topology_loss`` (``skeleton=`` of
+    ``topojax.skeleton_recall_loss``). Bad arguments raise ``ValueError``
+    when it is called, before tracing.
 
   Example::
 
@@ -78,16 +82,15 @@ def with_dice_loss(
   if not callable(topology_loss):
     raise ValueError(f"topology_loss must be a loss function of "
                      f"(probabilities, target), got {topology_loss!r}")
-  dice_weight = float(dice_weight)
-  if not dice_weight >= 0:
-    raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")
+  default_weight = _checks.dice_weight(dice_weight)
 
-  def loss(logits, target):
+  def loss(logits, target, *, dice_weight=default_weight, **topology_kwargs):
+    dice_weight = _checks.dice_weight(dice_weight)
     logits = _checks.as_array(logits, "logits")
     target = _checks.as_array(target, "target")
     _checks.check_same_shape(logits, target, ("logits", "target"))
     logits, target = jnp.asarray(logits), jnp.asarray(target)
-    return (topology_loss(probabilities(logits), target)
+    return (topology_loss(probabilities(logits), target, **topology_kwargs)
             + dice_weight * dice_loss(logits, target))
 
   return loss

@@ -132,8 +132,7 @@ def _start(job: _Phase, mesh: jax.sharding.Mesh):
   """
   model_def, state = steps.init_state(
       job.config, in_channels=job.dataset.in_channels,
-      out_channels=job.dataset.out_channels,
-      learning_rate=job.settings.learning_rate, mesh=mesh)
+      out_channels=job.dataset.out_channels, mesh=mesh)
   manager = checkpoint.open_manager(job.run_dir / "checkpoints")
   state, epoch, place = runs.restore_state(
       manager, state, config=job.config, split=job.split, init=job.init,

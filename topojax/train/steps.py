@@ -53,6 +53,7 @@ import optax
 from flax import nnx
 
 from topojax import losses
+from topojax.losses import _checks as losses_checks
 from topojax import unet
 from topojax.train import config as config_lib
 from topojax.train import losses as loss_table
@@ -84,9 +85,7 @@ def make_loss(name: str, *, dice_weight: float, kernel_sizes: Sequence[int],
   (``training_targets``). ``normalize`` only resolves older names
   (``config.resolve_loss``).
   """
-  dice_weight = float(dice_weight)
-  if not dice_weight >= 0:
-    raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")
+  dice_weight = losses_checks.dice_weight(dice_weight)
   loss = _weighted_loss(name, kernel_sizes=tuple(kernel_sizes),
                         normalize=normalize)
   return lambda logits, targets: loss(logits, targets, dice_weight)
@@ -102,19 +101,16 @@ def _weighted_loss(name: str, *, kernel_sizes: tuple[int, ...],
   if entry.function is None:
     return lambda logits, targets, dice_weight: losses.dice_loss(
         logits, targets)
-  topology = entry.topology(kernel_sizes=kernel_sizes)
+  weighted = losses.with_dice_loss(entry.topology(kernel_sizes=kernel_sizes))
 
   def loss(logits, targets, dice_weight):
-    if entry.prepare is not None:
-      # The labels' C channels, then the C channels prepared from them, so
-      # that a step pays only for the loss itself.
-      targets, prepared = jnp.split(targets, 2, axis=-1)
-      topology_of = functools.partial(topology, skeleton=prepared)
-    else:
-      topology_of = topology
-    # with_dice_loss's sum, with a weight that may be traced.
-    return (topology_of(losses.probabilities(logits), targets)
-            + dice_weight * losses.dice_loss(logits, targets))
+    if entry.prepare is None:
+      return weighted(logits, targets, dice_weight=dice_weight)
+    # The labels' C channels, then the C channels prepared from them, so
+    # that a step pays only for the loss itself.
+    targets, prepared = jnp.split(targets, 2, axis=-1)
+    return weighted(logits, targets, dice_weight=dice_weight,
+                    skeleton=prepared)
 
   return loss
 
@@ -168,9 +164,11 @@ def data_mesh() -> jax.sharding.Mesh:
 
 
 def init_state(config: config_lib.TrainConfig, *, in_channels: int,
-               out_channels: int, learning_rate: float,
-               mesh: jax.sharding.Mesh):
+               out_channels: int, mesh: jax.sharding.Mesh):
   """A new model and its Adam state, initialised on the devices, replicated.
+
+  Adam's state does not depend on the learning rate, which the train step
+  takes as an argument.
 
   Returns:
     ``(model_def, state)``: the model's ``nnx.GraphDef`` and the training
@@ -180,14 +178,13 @@ def init_state(config: config_lib.TrainConfig, *, in_channels: int,
       config, in_channels=in_channels, out_channels=out_channels)))
   init = _initializer(dataclasses.replace(config, seed=0),
                       in_channels=in_channels, out_channels=out_channels,
-                      learning_rate=learning_rate, mesh=mesh)
+                      mesh=mesh)
   return model_def, init(config.seed)
 
 
 @functools.lru_cache(maxsize=16)
 def _initializer(config: config_lib.TrainConfig, *, in_channels: int,
-                 out_channels: int, learning_rate: float,
-                 mesh: jax.sharding.Mesh):
+                 out_channels: int, mesh: jax.sharding.Mesh):
   """``init(seed) -> state``, compiled once per network (not per seed).
 
   Unoptimised: XLA's CPU backend spends seconds optimising random-number
@@ -201,7 +198,7 @@ def _initializer(config: config_lib.TrainConfig, *, in_channels: int,
                          seed=jax.random.key(seed))
     params = nnx.state(model, nnx.Param)
     return {"model": nnx.state(model),
-            "opt_state": make_optimizer(learning_rate).init(params)}
+            "opt_state": make_optimizer(0.0).init(params)}
 
   return jax.jit(init, out_shardings=jax.NamedSharding(mesh, jax.P()),
                  compiler_options={"xla_backend_optimization_level": 0})
