@@ -89,7 +89,6 @@ from experiments import loss_runs
 from experiments import loss_tables
 from experiments import paired
 from experiments import reproduce
-from topojax import data
 from topojax import synthetic
 from topojax import train
 
@@ -184,17 +183,9 @@ def _task_data(task, config, out, *, num_cases, cache_dir, progress):
   task_dir = out / task / "data" / f"Task00_{task.capitalize()}"
   synth = protocol.task_synth(task, config, num_cases=num_cases)
   task_config = protocol.task_config(config, task)
-  if not (task_dir / "dataset.json").is_file():
-    # What is there is a stopped generation: a used --out is refused
-    # unless resumed.
-    synthetic.generate_task(task_dir, synth, overwrite=True,
-                            progress=progress)
-  dataset = data.load_dataset(task_dir, task_config.preprocess_config(),
-                              cache_dir=cache_dir, progress=progress)
-  num_val, num_test = protocol.split_counts(num_cases)
-  split = data.make_split([c.case_id for c in dataset.task.cases],
-                          num_val=num_val, num_test=num_test,
-                          seed=config.split_seed)
+  dataset, split = protocol.task_data(
+      task_dir, synth, task_config, num_cases=num_cases, cache_dir=cache_dir,
+      progress=progress)
   return synth, task_config, task_dir, dataset, split
 
 

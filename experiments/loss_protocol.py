@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 
+from topojax import data
 from topojax import synthetic
 from topojax import train
 
@@ -94,6 +95,26 @@ def task_synth(task: str, config: train.TrainConfig, *, num_cases: int,
   return dataclasses.replace(
       synthetic.TASKS[task], num_cases=num_cases,
       shape=tuple(shape) if task in PATCH_TASKS else config.shape)
+
+
+def task_data(task_dir, synth: synthetic.SynthConfig,
+              config: train.TrainConfig, *, num_cases: int, cache_dir=None,
+              progress: bool = True):
+  """``(dataset, split)`` of a synthetic task, generated in ``task_dir``
+  unless it is there, and split by ``split_counts`` and
+  ``config.split_seed``."""
+  if not (task_dir / "dataset.json").is_file():
+    # What is there is a stopped generation: the callers refuse a used
+    # output folder unless resumed.
+    synthetic.generate_task(task_dir, synth, overwrite=True,
+                            progress=progress)
+  dataset = data.load_dataset(task_dir, config.preprocess_config(),
+                              cache_dir=cache_dir, progress=progress)
+  num_val, num_test = split_counts(num_cases)
+  split = data.make_split([c.case_id for c in dataset.task.cases],
+                          num_val=num_val, num_test=num_test,
+                          seed=config.split_seed)
+  return dataset, split
 
 
 def weighted(config: train.TrainConfig, weight: float) -> train.TrainConfig:

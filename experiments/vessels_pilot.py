@@ -36,9 +36,7 @@ from experiments import compare_losses
 from experiments import loss_protocol as protocol
 from experiments import loss_runs
 from experiments import reproduce
-from topojax import data
 from topojax import evaluate
-from topojax import synthetic
 from topojax import train
 from topojax import windows
 from topojax.train import epoch
@@ -136,16 +134,10 @@ def pilot(*, out, config_path=compare_losses.DEFAULT_CONFIG,
                               shape=shape)
   task_dir = out / "data" / "Task00_Vessels"
   began = time.perf_counter()
-  if not (task_dir / "dataset.json").is_file():
-    synthetic.generate_task(task_dir, synth, overwrite=True,
-                            progress=progress)
-  generated = time.perf_counter() - began
-  dataset = data.load_dataset(task_dir, config.preprocess_config(),
-                              cache_dir=cache_dir, progress=progress)
-  num_val, num_test = protocol.split_counts(num_cases)
-  split = data.make_split([c.case_id for c in dataset.task.cases],
-                          num_val=num_val, num_test=num_test,
-                          seed=config.split_seed)
+  dataset, split = protocol.task_data(task_dir, synth, config,
+                                      num_cases=num_cases,
+                                      cache_dir=cache_dir, progress=progress)
+  prepared = time.perf_counter() - began
   phase1 = out / "phase1"
   timed = {}
   began = time.perf_counter()
@@ -158,7 +150,7 @@ def pilot(*, out, config_path=compare_losses.DEFAULT_CONFIG,
   results = {"load_at_start": load, "shape": list(synth.shape),
              "config": config.to_json(),
              "split": [len(split.train), len(split.val), len(split.test)],
-             "generate_s": generated, "runs": {}}
+             "data_s": prepared, "runs": {}}
   saved = out / "pilot.json"
   earlier = (json.loads(saved.read_text())["runs"] if saved.is_file()
              else {})
