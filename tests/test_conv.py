@@ -43,6 +43,13 @@ CASES = [
     ((3, 5, 6, 7, 6), (1, 1, 1, 6, 1), (1, 1, 1), "SAME"),
     ((1, 7, 6, 5, 4), (2, 2, 2, 4, 3), (2, 2, 2), "VALID"),
     ((1, 10, 9, 8, 17), (5, 3, 3, 17, 9), (3, 2, 1), "SAME"),
+    # Stride 1 with whole vectors of output channels: the kernel gradient is
+    # the direct AVX2 loop; tiles of 32 + 8 and 16 + 8 channels, input
+    # channels in partial tiles, padding wider than the kernel (taps that
+    # see no input), more and fewer planes than its groups.
+    ((2, 10, 6, 7, 13), (3, 3, 3, 13, 40), (1, 1, 1), ((3, 0), (1, 1), (0, 2))),
+    ((3, 5, 4, 9, 5), (2, 3, 4, 5, 24), (1, 1, 1), "SAME"),
+    ((1, 4, 5, 6, 16), (1, 1, 1, 16, 16), (1, 1, 1), "VALID"),
 ]
 
 
