@@ -230,38 +230,61 @@ void SumPairwise(float* terms, int64_t count, int64_t size) {
   for (int64_t i = 0; i < size; ++i) terms[i] += second[i];
 }
 
+// acc[i][o] += x[i] * dy[8 * o : 8 * o + 8]: one voxel's outer product.
+template <int BI, int BO>
+__attribute__((target("avx2,fma"), always_inline)) inline void AddVoxel(
+    __m256 (&acc)[BI][BO], const float* x, const float* dy) {
+  __m256 d[BO];
+#pragma GCC unroll 4
+  for (int o = 0; o < BO; ++o) d[o] = _mm256_loadu_ps(dy + 8 * o);
+#pragma GCC unroll 16
+  for (int i = 0; i < BI; ++i) {
+    const __m256 xi = _mm256_broadcast_ss(x + i);
+#pragma GCC unroll 4
+    for (int o = 0; o < BO; ++o) {
+      acc[i][o] = _mm256_fmadd_ps(xi, d[o], acc[i][o]);
+    }
+  }
+}
+
 // out[i * co + o] += sum over r < count of x[r * ci + i] * dy[r * co + o],
-// for BI input channels and 8 * BO output channels: one row of voxels'
-// contribution to one tap of the kernel gradient, summed in registers.
+// for BI input and 8 * BO output channels: one row of voxels' contribution
+// to one tap of the kernel gradient, summed in registers. A tile of fewer
+// than 4 vectors keeps U sums, of every U-th voxel, so that the adds of one
+// sum do not wait on each other (a 1-channel input's tile is one vector).
 template <int BI, int BO>
 __attribute__((target("avx2,fma"))) void RowTile(const float* x, int64_t ci,
                                                    const float* dy, int64_t co,
                                                    int64_t count, float* out) {
-  __m256 acc[BI][BO];
-#pragma GCC unroll 16
-  for (int i = 0; i < BI; ++i) {
+  constexpr int U = BI * BO >= 4 ? 1 : BI * BO == 1 ? 4 : 2;
+  __m256 acc[U][BI][BO];
 #pragma GCC unroll 4
-    for (int o = 0; o < BO; ++o) acc[i][o] = _mm256_setzero_ps();
-  }
-  for (int64_t r = 0; r < count; ++r) {
-    __m256 d[BO];
-#pragma GCC unroll 4
-    for (int o = 0; o < BO; ++o) d[o] = _mm256_loadu_ps(dy + r * co + 8 * o);
+  for (int u = 0; u < U; ++u) {
 #pragma GCC unroll 16
     for (int i = 0; i < BI; ++i) {
-      const __m256 xi = _mm256_broadcast_ss(x + r * ci + i);
 #pragma GCC unroll 4
-      for (int o = 0; o < BO; ++o) {
-        acc[i][o] = _mm256_fmadd_ps(xi, d[o], acc[i][o]);
-      }
+      for (int o = 0; o < BO; ++o) acc[u][i][o] = _mm256_setzero_ps();
     }
+  }
+  int64_t r = 0;
+  for (; r + U <= count; r += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      AddVoxel<BI, BO>(acc[u], x + (r + u) * ci, dy + (r + u) * co);
+    }
+  }
+  for (int u = 0; r < count; ++r, ++u) {
+    AddVoxel<BI, BO>(acc[u], x + r * ci, dy + r * co);
   }
 #pragma GCC unroll 16
   for (int i = 0; i < BI; ++i) {
 #pragma GCC unroll 4
     for (int o = 0; o < BO; ++o) {
-      float* sum = out + i * co + 8 * o;
-      _mm256_storeu_ps(sum, _mm256_add_ps(_mm256_loadu_ps(sum), acc[i][o]));
+      __m256 sum = acc[0][i][o];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][i][o]);
+      float* total = out + i * co + 8 * o;
+      _mm256_storeu_ps(total, _mm256_add_ps(_mm256_loadu_ps(total), sum));
     }
   }
 }
