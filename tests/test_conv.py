@@ -128,6 +128,34 @@ def test_kernel_gradient_of_a_batch_is_the_sum_over_its_halves():
   np.testing.assert_array_equal(whole, halves)
 
 
+_KERNEL_GRADIENT_BYTES = """
+import sys
+import jax
+import numpy as np
+from topojax import conv
+conv.available()
+rng = np.random.default_rng(0)
+x = rng.normal(size=(3, 10, 9, 8, 16)).astype(np.float32)
+dy = rng.normal(size=(3, 10, 9, 8, 8)).astype(np.float32)
+grad = jax.jit(lambda x, dy: conv._call(
+    "kernel", (3, 3, 3, 16, 8), x, dy, (1, 1, 1), ((1, 1),) * 3))(x, dy)
+sys.stdout.write(np.asarray(grad).tobytes().hex())
+"""
+
+
+def test_kernel_gradient_bits_do_not_depend_on_the_thread_count():
+  # The direct loop's groups and their pairwise sum are fixed by the shapes.
+  outputs = {
+      threads: subprocess.run(
+          [sys.executable, "-c", _KERNEL_GRADIENT_BYTES],
+          env={**os.environ, "JAX_PLATFORMS": "cpu",
+               "OMP_NUM_THREADS": str(threads)},
+          capture_output=True, text=True, check=True, timeout=300).stdout
+      for threads in (1, 2, 3)}
+  assert len(outputs[1]) == 2 * 4 * 27 * 16 * 8
+  assert outputs[1] == outputs[2] == outputs[3]
+
+
 def test_vmap_over_a_leading_axis():
   x, kernel = _random((3, 1, 5, 4, 6, 2), 0), _random((3, 3, 3, 2, 3), 1)
   got = jax.vmap(lambda x: conv.conv3d(x, kernel))(x)
