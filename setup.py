@@ -55,7 +55,9 @@ setup(
     ext_modules=[Extension(
         "topojax._onednn_conv", sources=["topojax/_onednn_conv.cc"],
         language="c++",
-        extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden"],
-        extra_link_args=["-l:libdnnl.so.3"])],
+        extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden",
+                            "-fopenmp"],
+        # libgomp: the OpenMP runtime that oneDNN's wheel runs on too.
+        extra_link_args=["-l:libdnnl.so.3", "-fopenmp"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

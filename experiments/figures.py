@@ -48,9 +48,13 @@ def method_figure(pred: np.ndarray, label: np.ndarray, path: str | os.PathLike,
             for name, v in volumes.items()}
   rows = [(name, plane) for name in volumes for plane in losses.PLANES]
   columns = 2 + len(kernel_sizes)
+  # Fixed margins: a grid of 42 images has no labels to fit, and Matplotlib's
+  # constrained layout takes most of the figure's second to place them.
   fig, axes = plt.subplots(len(rows), columns,
                            figsize=(1.9 * columns, 1.9 * len(rows)),
-                           constrained_layout=True)
+                           gridspec_kw={"left": 0.01, "right": 0.99,
+                                        "bottom": 0.01, "top": 0.93,
+                                        "wspace": 0.08, "hspace": 0.32})
   mid = pred.shape[2] // 2
   for r, (name, plane) in enumerate(rows):
     projection = planes[name][plane]

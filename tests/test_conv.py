@@ -43,6 +43,13 @@ CASES = [
     ((3, 5, 6, 7, 6), (1, 1, 1, 6, 1), (1, 1, 1), "SAME"),
     ((1, 7, 6, 5, 4), (2, 2, 2, 4, 3), (2, 2, 2), "VALID"),
     ((1, 10, 9, 8, 17), (5, 3, 3, 17, 9), (3, 2, 1), "SAME"),
+    # Stride 1 with whole vectors of output channels: the kernel gradient is
+    # the direct AVX2 loop; tiles of 32 + 8 and 16 + 8 channels, input
+    # channels in partial tiles, padding wider than the kernel (taps that
+    # see no input), more and fewer planes than its groups.
+    ((2, 10, 6, 7, 13), (3, 3, 3, 13, 40), (1, 1, 1), ((3, 0), (1, 1), (0, 2))),
+    ((3, 5, 4, 9, 5), (2, 3, 4, 5, 24), (1, 1, 1), "SAME"),
+    ((1, 4, 5, 6, 16), (1, 1, 1, 16, 16), (1, 1, 1), "VALID"),
 ]
 
 
@@ -119,6 +126,34 @@ def test_kernel_gradient_of_a_batch_is_the_sum_over_its_halves():
   halves = np.asarray(kernel_grad(x[:2], dy[:2])) + np.asarray(
       kernel_grad(x[2:], dy[2:]))
   np.testing.assert_array_equal(whole, halves)
+
+
+_KERNEL_GRADIENT_BYTES = """
+import sys
+import jax
+import numpy as np
+from topojax import conv
+conv.available()
+rng = np.random.default_rng(0)
+x = rng.normal(size=(3, 10, 9, 8, 16)).astype(np.float32)
+dy = rng.normal(size=(3, 10, 9, 8, 8)).astype(np.float32)
+grad = jax.jit(lambda x, dy: conv._call(
+    "kernel", (3, 3, 3, 16, 8), x, dy, (1, 1, 1), ((1, 1),) * 3))(x, dy)
+sys.stdout.write(np.asarray(grad).tobytes().hex())
+"""
+
+
+def test_kernel_gradient_bits_do_not_depend_on_the_thread_count():
+  # The direct loop's groups and their pairwise sum are fixed by the shapes.
+  outputs = {
+      threads: subprocess.run(
+          [sys.executable, "-c", _KERNEL_GRADIENT_BYTES],
+          env={**os.environ, "JAX_PLATFORMS": "cpu",
+               "OMP_NUM_THREADS": str(threads)},
+          capture_output=True, text=True, check=True, timeout=300).stdout
+      for threads in (1, 2, 3)}
+  assert len(outputs[1]) == 2 * 4 * 27 * 16 * 8
+  assert outputs[1] == outputs[2] == outputs[3]
 
 
 def test_vmap_over_a_leading_axis():

@@ -275,6 +275,9 @@ def test_four_devices_train_and_validate_as_one(task, cache, tmp_path):
                                                         "phase1")
   assert len(four) == len(one) == CONFIG.phase1.epochs
   # Same maths, gradients summed in another order: float32 rounding only.
+  # (The tiny task's Dice can sit near 0.002, where a rounding of 3e-6 is
+  # 1e-3 of it: hence the absolute floor.)
   for a, b in zip(four, one):
     for key in ("train_loss", "val_dice", "val_topo"):
-      np.testing.assert_allclose(a[key], b[key], rtol=1e-3, err_msg=key)
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-5,
+                                 err_msg=key)

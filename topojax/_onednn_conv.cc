@@ -6,6 +6,9 @@
 //   topojax_conv3d_forward          y  = conv(x, w)
 //   topojax_conv3d_backward_input   dx = conv_transpose(dy, w)
 //   topojax_conv3d_backward_kernel  dw = correlate(x, dy)
+// The kernel gradient of a stride-1 convolution is our own AVX2 loop
+// (DirectKernelGradient): on AVX2, oneDNN computes it by im2col and GEMM
+// over an unfolded copy of the input, at a third of the speed.
 // Layouts are JAX's channels-last ones, used by oneDNN in place (no copy):
 // x (N, X, Y, Z, C_in) is oneDNN's "ndhwc", the kernel (kx, ky, kz, C_in,
 // C_out) its "dhwio". The kernel (small) is reordered to the layout oneDNN's
@@ -16,6 +19,8 @@
 // generates code (milliseconds), far more than a small convolution takes.
 // oneDNN runs on OpenMP threads, by default as many as the process may use
 // (its CPU affinity), and the same thread count gives the same bits.
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <array>
@@ -173,6 +178,14 @@ ffi::Error Guarded(std::initializer_list<size_t> ranks,
   return ffi::Error::Success();
 }
 
+// One convolution at a time: each already runs on every core, and
+// concurrent OpenMP teams (one per XLA device, e.g. with
+// --xla_force_host_platform_device_count) can deadlock libgomp.
+std::mutex& Running() {
+  static std::mutex running;
+  return running;
+}
+
 // Runs `primitive` with the kernel argument `kernel_arg` given in the plain
 // dhwio layout, reordered to and from `kernel_desc` where they differ.
 void Execute(const dnnl::primitive& primitive,
@@ -180,12 +193,8 @@ void Execute(const dnnl::primitive& primitive,
              const memory::desc& kernel_desc, void* kernel,
              const memory::dims& kernel_dims, bool kernel_is_output,
              std::unordered_map<int, memory> args) {
-  // One convolution at a time: each already runs on every core, and
-  // concurrent OpenMP teams (one per XLA device, e.g. with
-  // --xla_force_host_platform_device_count) can deadlock libgomp.
-  static std::mutex running;
-  std::lock_guard<std::mutex> lock(running);
-  // So one scratchpad, grown to the largest convolution's, serves them all.
+  std::lock_guard<std::mutex> lock(Running());
+  // Calls being serialised, one scratchpad, grown to the largest convolution's, serves them all.
   static std::vector<float> scratchpad;
   const size_t floats = (scratchpad_desc.get_size() + 3) / 4;
   if (scratchpad.size() < floats) scratchpad.resize(floats);
@@ -219,6 +228,165 @@ void SumPairwise(float* terms, int64_t count, int64_t size) {
   SumPairwise(terms + half * size, count - half, size);
   const float* second = terms + half * size;
   for (int64_t i = 0; i < size; ++i) terms[i] += second[i];
+}
+
+// acc[i][o] += x[i] * dy[8 * o : 8 * o + 8]: one voxel's outer product.
+template <int BI, int BO>
+__attribute__((target("avx2,fma"), always_inline)) inline void AddVoxel(
+    __m256 (&acc)[BI][BO], const float* x, const float* dy) {
+  __m256 d[BO];
+#pragma GCC unroll 4
+  for (int o = 0; o < BO; ++o) d[o] = _mm256_loadu_ps(dy + 8 * o);
+#pragma GCC unroll 16
+  for (int i = 0; i < BI; ++i) {
+    const __m256 xi = _mm256_broadcast_ss(x + i);
+#pragma GCC unroll 4
+    for (int o = 0; o < BO; ++o) {
+      acc[i][o] = _mm256_fmadd_ps(xi, d[o], acc[i][o]);
+    }
+  }
+}
+
+// out[i * co + o] += sum over r < count of x[r * ci + i] * dy[r * co + o],
+// for BI input and 8 * BO output channels: one row of voxels' contribution
+// to one tap of the kernel gradient, summed in registers. A tile of fewer
+// than 4 vectors keeps U sums, of every U-th voxel, so that the adds of one
+// sum do not wait on each other (a 1-channel input's tile is one vector).
+template <int BI, int BO>
+__attribute__((target("avx2,fma"))) void RowTile(const float* x, int64_t ci,
+                                                   const float* dy, int64_t co,
+                                                   int64_t count, float* out) {
+  constexpr int U = BI * BO >= 4 ? 1 : BI * BO == 1 ? 4 : 2;
+  __m256 acc[U][BI][BO];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 16
+    for (int i = 0; i < BI; ++i) {
+#pragma GCC unroll 4
+      for (int o = 0; o < BO; ++o) acc[u][i][o] = _mm256_setzero_ps();
+    }
+  }
+  int64_t r = 0;
+  for (; r + U <= count; r += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      AddVoxel<BI, BO>(acc[u], x + (r + u) * ci, dy + (r + u) * co);
+    }
+  }
+  for (int u = 0; r < count; ++r, ++u) {
+    AddVoxel<BI, BO>(acc[u], x + r * ci, dy + r * co);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < BI; ++i) {
+#pragma GCC unroll 4
+    for (int o = 0; o < BO; ++o) {
+      __m256 sum = acc[0][i][o];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][i][o]);
+      float* total = out + i * co + 8 * o;
+      _mm256_storeu_ps(total, _mm256_add_ps(_mm256_loadu_ps(total), sum));
+    }
+  }
+}
+
+// RowTile<bi, BO> for a run-time bi <= BI.
+template <int BO, int BI>
+void RowTileOf(int bi, const float* x, int64_t ci, const float* dy,
+               int64_t co, int64_t count, float* out) {
+  if constexpr (BI > 0) {
+    if (bi == BI) return RowTile<BI, BO>(x, ci, dy, co, count, out);
+    RowTileOf<BO, BI - 1>(bi, x, ci, dy, co, count, out);
+  }
+}
+
+// Every input channel against output channels [0, 8 * BO) of dy and out,
+// in tiles that keep 12 accumulators and the loads in AVX2's 16 registers.
+template <int BO>
+void Row(const float* x, int64_t ci, const float* dy, int64_t co,
+         int64_t count, float* out) {
+  constexpr int kTile = 12 / BO;
+  for (int64_t i = 0; i < ci; i += kTile) {
+    const int bi = static_cast<int>(std::min<int64_t>(kTile, ci - i));
+    RowTileOf<BO, kTile>(bi, x + i, ci, dy, co, count, out + i * co);
+  }
+}
+
+bool HasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma");
+  return has;
+}
+
+// Whether DirectKernelGradient computes this geometry: stride 1, output
+// channels in whole AVX2 vectors, on a CPU with AVX2 and FMA.
+bool DirectApplies(const Geometry& g) {
+  return g.strides == memory::dims{1, 1, 1} && g.dst[1] % 8 == 0 &&
+         HasAvx2();
+}
+
+// The kernel gradient dw (kx, ky, kz, C_in, C_out) of a stride-1
+// convolution of x (N, X, Y, Z, C_in) giving dy (N, P, Q, R, C_out):
+// dw[a, b, c] = sum over n, p, q, r of x[n, p + a - lo, q + b - lo,
+// r + c - lo] (zero outside) times dy[n, p, q, r], as outer products of
+// channel vectors. Each sample's planes p are cut into at most kGroups
+// groups, each summed on one thread into its own buffer, row by row (a row
+// summed in registers); the groups are then summed pairwise, in an order
+// fixed by the shapes alone: the same bits whatever the thread count.
+void DirectKernelGradient(const float* x, const Geometry& g, const float* dy,
+                          float* dw) {
+  constexpr int64_t kGroups = 8;
+  const int64_t samples = g.src[0], ci = g.src[1], co = g.dst[1];
+  const int64_t size_x = g.src[2], size_y = g.src[3], size_z = g.src[4];
+  const int64_t P = g.dst[2], Q = g.dst[3], R = g.dst[4];
+  const int64_t kx = g.weights[2], ky = g.weights[3], kz = g.weights[4];
+  const int64_t lo_x = g.padding_low[0], lo_y = g.padding_low[1],
+                lo_z = g.padding_low[2];
+  const int64_t size = kx * ky * kz * ci * co;
+  const int64_t groups = std::min(P, kGroups);
+  std::vector<float> sums(samples * groups * size, 0.0f);
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t item = 0; item < samples * groups; ++item) {
+    const int64_t n = item / groups, group = item % groups;
+    float* acc = sums.data() + item * size;
+    for (int64_t p = group * P / groups; p < (group + 1) * P / groups; ++p) {
+      for (int64_t q = 0; q < Q; ++q) {
+        const float* dy_row = dy + ((n * P + p) * Q + q) * R * co;
+        for (int64_t a = 0; a < kx; ++a) {
+          const int64_t xa = p + a - lo_x;
+          if (xa < 0 || xa >= size_x) continue;
+          for (int64_t b = 0; b < ky; ++b) {
+            const int64_t xb = q + b - lo_y;
+            if (xb < 0 || xb >= size_y) continue;
+            const float* x_row = x + ((n * size_x + xa) * size_y + xb) *
+                                         size_z * ci;
+            for (int64_t c = 0; c < kz; ++c) {
+              // The voxels r of the row whose input r + c - lo is inside.
+              const int64_t first = std::max<int64_t>(0, lo_z - c);
+              const int64_t end = std::min<int64_t>(R, size_z + lo_z - c);
+              if (end <= first) continue;
+              float* tap = acc + ((a * ky + b) * kz + c) * ci * co;
+              const float* xs = x_row + (first + c - lo_z) * ci;
+              const float* ds = dy_row + first * co;
+              for (int64_t o = 0; o < co;) {
+                if (co - o >= 32) {
+                  Row<4>(xs, ci, ds + o, co, end - first, tap + o);
+                  o += 32;
+                } else if (co - o >= 16) {
+                  Row<2>(xs, ci, ds + o, co, end - first, tap + o);
+                  o += 16;
+                } else {
+                  Row<1>(xs, ci, ds + o, co, end - first, tap + o);
+                  o += 8;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  SumPairwise(sums.data(), samples * groups, size);
+  std::copy(sums.begin(), sums.begin() + size, dw);
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -265,11 +433,12 @@ ffi::Error BackwardInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
       });
 }
 
-// The kernel gradient, one sample at a time, the samples' kernels summed
-// pairwise: a long float32 sum over the whole batch loses ~10x XLA's
-// accuracy (measured at 4 x 32^3), and per-sample terms summed as a tree
-// give, for a batch split over a power of two of devices and summed by an
-// all-reduce, the same partial sums as one device.
+// The kernel gradient: DirectKernelGradient where it applies, else oneDNN
+// one sample at a time, the samples' kernels summed pairwise. Both avoid a
+// long float32 sum over the whole batch, which loses ~10x XLA's accuracy
+// (measured at 4 x 32^3), and their per-sample (per-group) terms summed as
+// a tree give, for a batch split over a power of two of devices and summed
+// by an all-reduce, the same partial sums as one device.
 ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw,
                           ffi::Span<const int64_t> strides,
@@ -286,6 +455,11 @@ ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
         float* total = dw->typed_data();
         if (samples == 0) {
           std::fill(total, total + dw_size, 0.0f);
+          return;
+        }
+        if (DirectApplies(g)) {
+          std::lock_guard<std::mutex> lock(Running());
+          DirectKernelGradient(x.typed_data(), g, dy.typed_data(), total);
           return;
         }
         g.src[0] = g.dst[0] = 1;

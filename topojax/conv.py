@@ -8,6 +8,12 @@ input gradient and kernel gradient are each one custom call on the
 channels-last arrays, without layout copies. ``conv3d_transpose``, its
 transpose (the U-Net's up-convolution), reuses the same three calls.
 
+The kernel gradient of a stride-1 convolution whose output channels fill
+whole AVX2 vectors (multiples of 8) is not oneDNN's: on AVX2 oneDNN has only
+im2col + GEMM for it, at a third of the speed of the direct outer-product
+loop in ``_onednn_conv.cc``, which sums in an order fixed by the shapes
+alone (the same bits whatever the thread count).
+
 The native part (``topojax/_onednn_conv.cc``) is built by ``pip install``
 against the ``onednn-cpu-gomp`` wheel. Where it is missing (no compiler at
 install, another OS or CPU), or with ``TOPOJAX_ONEDNN=0`` in the environment,

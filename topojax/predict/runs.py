@@ -55,13 +55,10 @@ def _restore(phase: pathlib.Path, config: train.TrainConfig, *,
              in_channels: int, out_channels: int,
              sharding: jax.sharding.Sharding):
   """``(model_def, model_state)`` of the best epoch, placed by ``sharding``."""
-  from flax import nnx
-
   # Restoring needs the shapes only: an abstract model is the template, and
   # no initialisation is computed (or compiled) just to be overwritten.
-  abstract = nnx.eval_shape(lambda: train.create_model(
-      config, in_channels=in_channels, out_channels=out_channels))
-  model_def, template = nnx.split(abstract)
+  model_def, template = train.abstract_model(
+      config, in_channels=in_channels, out_channels=out_channels)
   template = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                         sharding=sharding), template)

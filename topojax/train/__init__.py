@@ -44,6 +44,7 @@ from topojax.train.preemption import Preempted
 from topojax.train.runs import PHASE_DIRS
 from topojax.train.runs import PhaseResult
 from topojax.train.runs import read_log
+from topojax.train.steps import abstract_model
 from topojax.train.steps import create_model
 from topojax.train.steps import data_mesh
 from topojax.train.steps import init_state
@@ -56,7 +57,7 @@ from topojax.train.validation import validate
 __all__ = (
     "LOSSES", "LOSS_TABLE", "PHASE_DIRS", "PhaseConfig", "PhaseResult",
     "Preempted", "TrainConfig", "TrainingLoss",
-    "create_model", "data_mesh", "init_state", "load_config",
+    "abstract_model", "create_model", "data_mesh", "init_state", "load_config",
     "make_eval_step", "make_loss", "make_optimizer", "make_train_step",
     "plot_curves", "read_log", "resolve_loss", "train", "train_phase",
     "validate",
