@@ -104,6 +104,17 @@ def test_transpose_is_the_input_gradient_of_a_valid_convolution(
     np.testing.assert_allclose(g, e, rtol=0, atol=2e-6 * np.abs(e).max())
 
 
+def test_an_empty_output_has_a_zero_kernel_gradient():
+  # A 'VALID' kernel longer than the input: no output voxel, nothing summed.
+  x, kernel = _random((2, 2, 5, 5, 3), 0), _random((3, 3, 3, 3, 8), 1)
+  out, vjp = jax.vjp(lambda x, k: conv.conv3d(x, k, padding="VALID"), x,
+                     kernel)
+  assert out.shape == (2, 0, 3, 3, 8)
+  x_grad, kernel_grad = jax.device_get(vjp(out))
+  np.testing.assert_array_equal(kernel_grad, np.zeros_like(kernel))
+  np.testing.assert_array_equal(x_grad, np.zeros_like(x))
+
+
 def test_repeated_calls_give_the_same_bits():
   x, kernel = _random((2, 12, 10, 8, 8), 0), _random((3, 3, 3, 8, 8), 1)
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv.conv3d(x, k))),

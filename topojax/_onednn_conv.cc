@@ -18,7 +18,8 @@
 // Primitive descriptors are built once per shape and cached: building one
 // generates code (milliseconds), far more than a small convolution takes.
 // oneDNN runs on OpenMP threads, by default as many as the process may use
-// (its CPU affinity), and the same thread count gives the same bits.
+// (its CPU affinity), and the same thread count gives the same bits; the
+// direct kernel gradient gives the same bits whatever the thread count.
 
 #include <immintrin.h>
 
@@ -194,7 +195,8 @@ void Execute(const dnnl::primitive& primitive,
              const memory::dims& kernel_dims, bool kernel_is_output,
              std::unordered_map<int, memory> args) {
   std::lock_guard<std::mutex> lock(Running());
-  // Calls being serialised, one scratchpad, grown to the largest convolution's, serves them all.
+  // The calls being serialised, one scratchpad, grown to the largest
+  // convolution's, serves them all.
   static std::vector<float> scratchpad;
   const size_t floats = (scratchpad_desc.get_size() + 3) / 4;
   if (scratchpad.size() < floats) scratchpad.resize(floats);
@@ -343,6 +345,10 @@ void DirectKernelGradient(const float* x, const Geometry& g, const float* dy,
                 lo_z = g.padding_low[2];
   const int64_t size = kx * ky * kz * ci * co;
   const int64_t groups = std::min(P, kGroups);
+  if (samples * groups == 0) {  // No output voxel: nothing to sum.
+    std::fill(dw, dw + size, 0.0f);
+    return;
+  }
   std::vector<float> sums(samples * groups * size, 0.0f);
 #pragma omp parallel for schedule(dynamic)
   for (int64_t item = 0; item < samples * groups; ++item) {
