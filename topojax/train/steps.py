@@ -184,8 +184,8 @@ def init_state(config: config_lib.TrainConfig, *, in_channels: int,
 
 def abstract_model(config: config_lib.TrainConfig, *, in_channels: int,
                    out_channels: int):
-  """``(model_def, state)`` of ``config``'s U-Net, the state's leaves
-  ``jax.ShapeDtypeStruct``s: its structure, computed nothing.
+  """``(model_def, state)`` of ``config``'s U-Net, abstract: the state's
+  leaves are ``jax.ShapeDtypeStruct``s, and nothing is computed.
 
   The same for every seed, and built once per network: Flax builds the
   abstract model in about 0.1 s, which every phase and every restore of a
