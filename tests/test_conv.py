@@ -2,6 +2,7 @@
 
 import logging
 import os
+import pathlib
 import subprocess
 import sys
 from unittest import mock
@@ -203,6 +204,15 @@ def test_negative_padding_is_refused():
 def test_mismatched_channels_are_refused(function, kernel_shape):
   with pytest.raises(ValueError, match="x must be .* got x"):
     function(jnp.zeros((1, 4, 4, 4, 3)), jnp.zeros(kernel_shape))
+
+
+def test_a_checkout_without_the_library_names_its_folder(monkeypatch):
+  # E.g. `pip install .`, then `python -m experiments...` in the checkout.
+  monkeypatch.delenv("TOPOJAX_ONEDNN", raising=False)
+  with mock.patch.object(pathlib.Path, "glob", return_value=iter(())):
+    reason = conv._native.__wrapped__()
+  assert str(pathlib.Path(conv.__file__).parent) in reason
+  assert "pip install -e ." in reason
 
 
 def test_unavailable_says_so_once(caplog):

@@ -60,9 +60,13 @@ def _native() -> str | None:
   """Registers the FFI targets; the reason they are unavailable, or None."""
   if os.environ.get("TOPOJAX_ONEDNN") == "0":
     return "switched off by TOPOJAX_ONEDNN=0"
-  found = sorted(pathlib.Path(__file__).parent.glob("_onednn_conv*.so"))
+  package = pathlib.Path(__file__).parent
+  found = sorted(package.glob("_onednn_conv*.so"))
   if not found:
-    return "the native part was not built at install"
+    # Often a source checkout on sys.path before an installed copy.
+    return (f"no native library in {package}: `pip install .` builds it "
+            "into the installed package, `pip install -e .` into a source "
+            "checkout")
   try:
     _load_onednn()
     library = ctypes.CDLL(str(found[0]))
