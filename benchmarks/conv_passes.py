@@ -18,7 +18,6 @@ import argparse
 import os
 import pathlib
 import sys
-import time
 
 if __package__ in (None, ""):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -51,6 +50,7 @@ def time_passes(shape, *, batch: int, base: int, depth: int,
   import jax.numpy as jnp
   import numpy as np
 
+  from benchmarks import loss as loss_benchmark
   from topojax import conv
 
   if not conv.available():
@@ -60,13 +60,9 @@ def time_passes(shape, *, batch: int, base: int, depth: int,
   strides, pads = (1, 1, 1), ((1, 1),) * 3
 
   def median_ms(function, *args):
-    jax.block_until_ready(function(*args))
-    times = []
-    for _ in range(repeats):
-      began = time.perf_counter()
-      jax.block_until_ready(function(*args))
-      times.append(time.perf_counter() - began)
-    return float(np.median(times)) * 1e3
+    timed = loss_benchmark.time_call(
+        lambda: jax.block_until_ready(function(*args)), repeats)
+    return timed["median_s"] * 1e3
 
   rows = []
   for side, c_in, c_out in unet_convolutions(shape, base=base, depth=depth):
