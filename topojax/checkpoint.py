@@ -287,7 +287,7 @@ def _save_args(model: Any, optimizer: Any,
   The arrays are written from the host: orbax saves a tree of NumPy arrays
   in under half the time of the same tree of replicated ``jax.Array``s
   (a ``save`` of the main job's U-Net and its Adam state: 0.12 against
-  0.24 s, most of it CPU time, once per epoch), and ``restore`` reads them
+  0.23 s, most of it CPU time, once per epoch), and ``restore`` reads them
   into its templates' shardings all the same.
   """
   model, optimizer = jax.device_get((model, optimizer))
