@@ -15,6 +15,8 @@ Implementations (``--impl``):
 
 ``--compare`` runs topojax (oneDNN convolutions), topojax on XLA's
 convolutions and PyTorch side by side in one process, in alternating rounds.
+Every implementation runs with glibc keeping freed memory
+(``topojax.allocator``), as topojax's training does.
 ``--conv`` times one 16→16 ``3×3×3`` convolution instead, forward and
 forward+backward, in several formulations. ``--all`` runs the table recorded
 in ``benchmarks/RESULTS.md`` (each row in a fresh process, so XLA flags can
@@ -381,6 +383,11 @@ def main(argv=None) -> None:
   parser.add_argument("--quick", action="store_true",
                       help="--compare on a tiny network, 1 round (CI)")
   args = parser.parse_args(argv)
+  # topojax's training has glibc keep freed memory (topojax.allocator); so
+  # does every implementation here, PyTorch included, which in --compare
+  # shares the process anyway.
+  from topojax import allocator
+  allocator.keep_freed_memory()
   if args.quick:
     args.shape, args.batch, args.base, args.depth = (8, 8, 8), 2, 2, 2
     args.rounds, args.repeats, args.compare = 1, 1, True

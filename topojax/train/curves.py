@@ -23,15 +23,15 @@ def plot_curves(log: Sequence[dict[str, Any]], path: str | os.PathLike, *,
     ``path``, as a ``pathlib.Path``.
   """
   # Imported here: only the end of a phase draws, and matplotlib is slow to
-  # import.
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
+  # import. A Figure without pyplot: no global backend to set, Agg renders
+  # the PNG.
+  from matplotlib.figure import Figure
 
   epochs = [line["epoch"] for line in log]
   panels = (("train_loss", "train loss"), ("val_dice", "validation Dice"),
             ("val_topo", "validation PPL (pooled cells)"))
-  figure, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+  figure = Figure(figsize=(12, 3.4))
+  axes = figure.subplots(1, 3)
   for ax, (key, name) in zip(axes, panels):
     ax.plot(epochs, [line[key] for line in log], marker=".")
     if best_epoch is not None:
@@ -41,8 +41,10 @@ def plot_curves(log: Sequence[dict[str, Any]], path: str | os.PathLike, *,
     ax.set_title(name)
     ax.set_xlabel("epoch")
   figure.suptitle(title)
-  figure.tight_layout()
+  # Fixed margins, where tight_layout's extra drawing took 0.26 against
+  # 0.15 s a figure (one per phase trained).
+  figure.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.82,
+                         wspace=0.22)
   path = pathlib.Path(path)
   figure.savefig(path, dpi=100)
-  plt.close(figure)
   return path

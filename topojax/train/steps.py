@@ -26,6 +26,8 @@ training batch is dropped, the last validation batch is padded by
 factories are cached, so phases of the same network trained in one process
 (several seeds, a resumed run) compile once; across processes, JAX's
 persistent compilation cache does the same (``topojax train`` turns it on).
+On the CPU backend the steps are compiled at LLVM's level 1 and glibc keeps
+freed memory (``_jit_options``).
 
 Data parallelism: every batch is split along its first axis over all devices
 of a 1D ``jax.sharding.Mesh`` (axis ``"data"``); parameters and optimiser
@@ -45,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +55,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from topojax import allocator
 from topojax import losses
 from topojax.losses import _checks as losses_checks
 from topojax import unet
@@ -223,6 +227,22 @@ def _initializer(config: config_lib.TrainConfig, *, in_channels: int,
                  compiler_options={"xla_backend_optimization_level": 0})
 
 
+def _jit_options(platform: str) -> dict[str, Any]:
+  """``jax.jit``'s options for a step compiled for ``platform``.
+
+  On the CPU, LLVM optimises at level 1 instead of XLA's default 3: the
+  convolutions are oneDNN's, and the rest of a step runs as fast with the
+  same bits (checked at the main job's size and at 2 × 64×64×48, base 16)
+  for 0.5-0.9 s less compilation per step. And glibc keeps freed memory
+  (``topojax.allocator``): XLA's CPU runtime mallocs and frees a step's
+  buffers at every call.
+  """
+  if platform != "cpu":
+    return {}
+  allocator.keep_freed_memory()
+  return {"compiler_options": {"xla_backend_optimization_level": 1}}
+
+
 # The step factories are cached: phases of the same network and loss in one
 # process share one jitted function, and so compile once.
 @functools.lru_cache(maxsize=16)
@@ -276,7 +296,8 @@ def make_train_step(model_def: nnx.GraphDef, mesh: jax.sharding.Mesh, *,
 
   return jax.jit(step, in_shardings=(replicated, batch, batch, replicated,
                                      replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 **_jit_options(mesh.devices.flat[0].platform))
 
 
 @functools.lru_cache(maxsize=16)
@@ -308,7 +329,8 @@ def make_eval_step(model_def: nnx.GraphDef, mesh: jax.sharding.Mesh, *,
     return masks, topo
 
   return jax.jit(step, in_shardings=(replicated, batch, batch),
-                 out_shardings=(batch, batch))
+                 out_shardings=(batch, batch),
+                 **_jit_options(mesh.devices.flat[0].platform))
 
 
 @functools.lru_cache(maxsize=16)
@@ -328,7 +350,7 @@ def make_forward(model_def: nnx.GraphDef):
     model.eval()
     return unet.probabilities(model(windows))
 
-  return jax.jit(forward)
+  return jax.jit(forward, **_jit_options(jax.default_backend()))
 
 
 def to_global(batch: np.ndarray, sharding: jax.sharding.Sharding
