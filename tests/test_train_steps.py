@@ -53,15 +53,21 @@ def test_make_loss():
     train.make_loss("ppl", dice_weight=-1.0, kernel_sizes=(2,))
 
 
-def test_one_compiled_step_serves_every_learning_rate_and_weight():
+def _test_network(*, seed: int):
+  """The mesh, the test U-Net and its state, and a batch of 2 × 8³ cases."""
   config = train.TrainConfig(shape=(8, 8, 8), base_channels=4, depth=2,
                              norm="group", batch_size=2, kernel_sizes=(4,))
   mesh = train.data_mesh()
-  rng = np.random.default_rng(2)
+  rng = np.random.default_rng(seed)
   images = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
   labels = (rng.random((2, 8, 8, 8, 1)) > 0.5).astype(np.float32)
   model_def, state = train.init_state(config, in_channels=1, out_channels=1,
                                       mesh=mesh)
+  return mesh, model_def, state, images, labels
+
+
+def test_one_compiled_step_serves_every_learning_rate_and_weight():
+  mesh, model_def, state, images, labels = _test_network(seed=2)
   logits = nnx.merge(model_def, state["model"])(images)
   step = train.make_train_step.__wrapped__(model_def, mesh, loss="ppl",
                                            kernel_sizes=(4,))
@@ -76,6 +82,25 @@ def test_one_compiled_step_serves_every_learning_rate_and_weight():
         jax.tree.leaves(new["model"]), jax.tree.leaves(state["model"]))]
     assert any(moved) == (learning_rate > 0)
   assert step._cache_size() == 1
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
+@pytest.mark.parametrize("loss", ["dice", "ppl"])
+def test_the_cpu_step_at_llvm_level_1_has_the_bits_of_xlas_default(loss):
+  mesh, model_def, state, images, labels = _test_network(seed=3)
+  step = train.make_train_step.__wrapped__(model_def, mesh, loss=loss,
+                                           kernel_sizes=(4,))
+  default = step.lower(state, images, labels, 1e-2, 1.0).compile(
+      {"xla_backend_optimization_level": 3})
+  ends = []
+  for run in (step, default):
+    new = jax.tree.map(jnp.copy, state)  # donated
+    for _ in range(3):
+      new, value = run(new, images, labels, 1e-2, 1.0)
+    ends.append([np.asarray(leaf) for leaf in jax.tree.leaves(new)]
+                + [np.asarray(value)])
+  for ours, xlas in zip(*ends):
+    np.testing.assert_array_equal(ours, xlas)
 
 
 def test_a_prepared_target_reaches_the_loss_as_its_skeleton():
