@@ -26,8 +26,8 @@ training batch is dropped, the last validation batch is padded by
 factories are cached, so phases of the same network trained in one process
 (several seeds, a resumed run) compile once; across processes, JAX's
 persistent compilation cache does the same (``topojax train`` turns it on).
-On the CPU backend the steps are compiled at LLVM's level 1 and glibc keeps
-freed memory (``_jit_options``).
+On the CPU backend the train and evaluation steps are compiled at LLVM's
+level 1, and glibc keeps freed memory (``_jit_options``).
 
 Data parallelism: every batch is split along its first axis over all devices
 of a 1D ``jax.sharding.Mesh`` (axis ``"data"``); parameters and optimiser
@@ -350,7 +350,11 @@ def make_forward(model_def: nnx.GraphDef):
     model.eval()
     return unet.probabilities(model(windows))
 
-  return jax.jit(forward, **_jit_options(jax.default_backend()))
+  if jax.default_backend() == "cpu":
+    # Not _jit_options: sliding windows call it inside their own jit, where
+    # compiler options are refused.
+    allocator.keep_freed_memory()
+  return jax.jit(forward)
 
 
 def to_global(batch: np.ndarray, sharding: jax.sharding.Sharding
