@@ -1,5 +1,6 @@
 """Tests for topojax/allocator.py: freed blocks kept for the next step."""
 
+import mmap
 import os
 import platform
 import subprocess
@@ -13,8 +14,12 @@ glibc = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
     reason="glibc's allocator only")
 
-# Page faults of three rounds of malloc, touch and free of a 64 MiB block
-# (above the 32 MiB that glibc's own threshold rises to), after ``SETUP``.
+# A block above the 32 MiB that glibc's own mmap threshold rises to.
+_BLOCK_BYTES = 64 << 20
+_BLOCK_PAGES = _BLOCK_BYTES // mmap.PAGESIZE
+
+# Page faults of three rounds of malloc, touch and free of the block, after
+# ``setup``.
 _ROUNDS = """
 import ctypes, resource
 {setup}
@@ -22,7 +27,7 @@ libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-size = 64 << 20
+size = {size}
 for _ in range(3):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   block = libc.malloc(size)
@@ -44,7 +49,7 @@ steps.make_forward(model_def)
 
 def _faults(setup: str, **env) -> list[int]:
   out = subprocess.run(
-      [sys.executable, "-c", _ROUNDS.format(setup=setup)],
+      [sys.executable, "-c", _ROUNDS.format(setup=setup, size=_BLOCK_BYTES)],
       env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
       capture_output=True, text=True, check=True, timeout=300)
   return [int(line) for line in out.stdout.split()]
@@ -56,25 +61,23 @@ def _faults(setup: str, **env) -> list[int]:
     _FORWARD_FACTORY,  # what training and prediction do on the CPU
 ])
 def test_a_freed_block_is_reused_without_page_faults(setup):
-  pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
   first, *later = _faults(setup)
-  assert first > pages // 2
-  assert max(later) < pages // 100
+  assert first > _BLOCK_PAGES // 2
+  assert max(later) < _BLOCK_PAGES // 100
 
 
 @glibc
 def test_glibc_defaults_fault_the_block_in_every_round():
   # The cost the setting removes: without it, every round faults anew.
-  pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-  assert min(_faults("")) > pages // 2
+  assert min(_faults("")) > _BLOCK_PAGES // 2
 
 
 @glibc
 def test_the_users_own_thresholds_stand():
   setup = ("from topojax import allocator; "
            "assert not allocator.keep_freed_memory()")
-  pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-  assert min(_faults(setup, MALLOC_MMAP_THRESHOLD_="131072")) > pages // 2
+  assert (min(_faults(setup, MALLOC_MMAP_THRESHOLD_="131072"))
+          > _BLOCK_PAGES // 2)
 
 
 @pytest.mark.parametrize("env", [
